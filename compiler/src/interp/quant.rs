@@ -1,0 +1,181 @@
+//! Quantization kernels: DequantizeLinear and QuantizeLinear (per tensor, per axis and the
+//! opset-21 blocked form, including int4/uint4), DynamicQuantizeLinear, and com.microsoft
+//! MatMulNBits (packed 4/8-bit weights with per-block scales and optional zero points).
+
+use super::linalg::sgemm;
+use super::util::*;
+use crate::dtype::DType;
+use crate::tensor::{strides, Tensor, TensorData};
+
+/// For every element of `x_shape`, the index of its scale/zero point.
+fn param_index(x_shape: &[usize], p_shape: &[usize], ax: i64, block: usize) -> KResult<Vec<usize>> {
+    let n: usize = x_shape.iter().product();
+    let pn: usize = p_shape.iter().product();
+    if pn == 1 && p_shape.len() <= 1 {
+        return Ok(vec![0; n]);
+    }
+    let r = x_shape.len();
+    let a = axis(ax, r)?;
+    let xst = strides(x_shape);
+    if p_shape.len() == 1 && block == 0 {
+        if p_shape[0] != x_shape[a] {
+            return err(format!("per-axis parameters of length {} do not match axis {a} of {:?}", p_shape[0], x_shape));
+        }
+        return Ok((0..n).map(|f| (f / xst[a]) % x_shape[a]).collect());
+    }
+    if p_shape.len() != r || block == 0 {
+        return err(format!("scale shape {p_shape:?} does not fit input {x_shape:?} (block_size {block})"));
+    }
+    for d in 0..r {
+        let want = if d == a { x_shape[d].div_ceil(block) } else { x_shape[d] };
+        if p_shape[d] != want {
+            return err(format!("blocked scale shape {p_shape:?} does not fit input {x_shape:?} with block_size {block}"));
+        }
+    }
+    let pst = strides(p_shape);
+    Ok((0..n)
+        .map(|f| {
+            let mut rem = f;
+            let mut off = 0;
+            for d in 0..r {
+                let c = rem / xst[d];
+                rem %= xst[d];
+                off += if d == a { c / block } else { c } * pst[d];
+            }
+            off
+        })
+        .collect())
+}
+
+pub fn dequantize_linear(ins: &[Option<&Tensor>], ax: i64, block: usize) -> KResult<Tensor> {
+    let x = input(ins, 0)?;
+    let scale = input(ins, 1)?;
+    let zp = opt_input(ins, 2);
+    if let Some(z) = zp {
+        if z.dtype() != x.dtype() {
+            return err(format!("zero point type {} differs from input type {}", z.dtype(), x.dtype()));
+        }
+    }
+    let idx = param_index(&x.shape, &scale.shape, ax, block)?;
+    let xv = x.to_i64_vec();
+    let sv = floats_of(scale)?;
+    let zv = zp.map(|z| z.to_i64_vec());
+    let out: Vec<f64> =
+        xv.iter().zip(&idx).map(|(&q, &i)| (q - zv.as_ref().map(|z| z[i]).unwrap_or(0)) as f64 * sv[i]).collect();
+    Ok(float_tensor(scale.dtype(), x.shape.clone(), out))
+}
+
+fn qrange(dt: DType) -> KResult<(f64, f64)> {
+    Ok(match dt {
+        DType::U8 => (0.0, 255.0),
+        DType::I8 => (-128.0, 127.0),
+        DType::U16 => (0.0, 65535.0),
+        DType::I16 => (-32768.0, 32767.0),
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        other => return err(format!("cannot quantize to {other}")),
+    })
+}
+
+pub fn quantize_linear(ins: &[Option<&Tensor>], ax: i64, block: usize, _saturate: bool, out_dt: Option<DType>) -> KResult<Tensor> {
+    let x = input(ins, 0)?;
+    let scale = input(ins, 1)?;
+    let zp = opt_input(ins, 2);
+    let dt = zp.map(|z| z.dtype()).or(out_dt).unwrap_or(DType::U8);
+    let (lo, hi) = qrange(dt)?;
+    let idx = param_index(&x.shape, &scale.shape, ax, block)?;
+    let xv = floats_of(x)?;
+    let sv = floats_of(scale)?;
+    let zv = zp.map(|z| z.to_f64_vec());
+    let out = xv.iter().zip(&idx).map(|(&v, &i)| {
+        // The division happens in the input precision, as the reference does.
+        let q = if x.dtype() == DType::F32 { (v as f32 / sv[i] as f32) as f64 } else { v / sv[i] };
+        (q.round_ties_even() + zv.as_ref().map(|z| z[i]).unwrap_or(0.0)).clamp(lo, hi)
+    });
+    Ok(Tensor::new(x.shape.clone(), TensorData::from_f64s(dt, out)))
+}
+
+pub fn dynamic_quantize_linear(x: &Tensor) -> KResult<Vec<Tensor>> {
+    let v: Vec<f32> = floats_of(x)?.iter().map(|&f| f as f32).collect();
+    let mx = v.iter().copied().fold(0f32, f32::max);
+    let mn = v.iter().copied().fold(0f32, f32::min);
+    let scale = (mx - mn) / 255.0;
+    let zp = if scale == 0.0 { 0.0 } else { ((0.0 - mn) / scale).round_ties_even().clamp(0.0, 255.0) };
+    let q: Vec<u8> = v
+        .iter()
+        .map(|&f| if scale == 0.0 { zp as u8 } else { ((f / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8 })
+        .collect();
+    Ok(vec![Tensor::from_vec(x.shape.clone(), q), Tensor::scalar(scale), Tensor::scalar(zp as u8)])
+}
+
+pub fn matmul_nbits(ins: &[Option<&Tensor>], k: usize, n: usize, bits: usize, block: usize) -> KResult<Tensor> {
+    let a = input(ins, 0)?;
+    let b = input(ins, 1)?;
+    let scales = floats_of(input(ins, 2)?)?;
+    let zp = opt_input(ins, 3);
+    if opt_input(ins, 4).is_some() {
+        return err("MatMulNBits g_idx is not supported");
+    }
+    let bias = opt_input(ins, 5).map(floats_of).transpose()?;
+    if block < 16 || !block.is_power_of_two() || k == 0 || n == 0 {
+        return err(format!("MatMulNBits needs K, N > 0 and a power-of-two block_size >= 16, got K={k} N={n} block={block}"));
+    }
+    let kdim = *a.shape.last().ok_or_else(|| KernelError("A must have rank >= 1".into()))?;
+    if kdim != k {
+        return err(format!("A's last dim {kdim} differs from K={k}"));
+    }
+    let TensorData::U8(bq) = &b.data else { return err("MatMulNBits B must be uint8") };
+    let nblk = k.div_ceil(block);
+    let blob = block * bits / 8;
+    if bq.len() != n * nblk * blob || scales.len() != n * nblk {
+        return err(format!("MatMulNBits B has {} bytes and {} scales; expected {} and {}", bq.len(), scales.len(), n * nblk * blob, n * nblk));
+    }
+    let default_zp = (1u32 << (bits - 1)) as f64;
+    let zp_at: Box<dyn Fn(usize, usize) -> f64> = match zp {
+        None => Box::new(move |_, _| default_zp),
+        Some(z) if z.dtype() == DType::U8 => {
+            let zb = z.as_slice::<u8>().unwrap_or_default().to_vec();
+            let per_row = (nblk * bits).div_ceil(8);
+            Box::new(move |row, blk| {
+                let bitpos = blk * bits;
+                let byte = zb[row * per_row + bitpos / 8];
+                ((byte >> (bitpos % 8)) & ((1u16 << bits) - 1) as u8) as f64
+            })
+        }
+        Some(z) => {
+            let zf = z.to_f64_vec();
+            Box::new(move |row, blk| zf[row * nblk + blk])
+        }
+    };
+    let mut w = vec![0f32; n * k];
+    for row in 0..n {
+        for blk in 0..nblk {
+            let s = scales[row * nblk + blk];
+            let z = zp_at(row, blk);
+            let bytes = &bq[(row * nblk + blk) * blob..][..blob];
+            for j in 0..block {
+                let kk = blk * block + j;
+                if kk >= k {
+                    break;
+                }
+                let bitpos = j * bits;
+                let q = (bytes[bitpos / 8] >> (bitpos % 8)) & ((1u16 << bits) - 1) as u8;
+                w[row * k + kk] = ((q as f64 - z) * s) as f32;
+            }
+        }
+    }
+    let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
+    let m = a.numel() / k;
+    let mut out = vec![0f32; m * n];
+    sgemm(m, k, n, &av, k as isize, 1, &w, 1, k as isize, &mut out);
+    let mut outf: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+    if let Some(bv) = bias {
+        for (i, o) in outf.iter_mut().enumerate() {
+            *o += bv[i % n];
+        }
+    }
+    let mut shape = a.shape.clone();
+    *shape.last_mut().expect("rank >= 1") = n;
+    Ok(float_tensor(a.dtype(), shape, outf))
+}

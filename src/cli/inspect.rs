@@ -1,0 +1,84 @@
+//! `kiln inspect`: a human-readable summary of an ONNX model (works on models Kiln cannot
+//! import, listing every unsupported operator), optionally the imported graph and the
+//! inferred static shapes.
+
+use anyhow::{Context, Result};
+use kiln_compiler::{ir, onnx, shape};
+use std::path::Path;
+use std::process::ExitCode;
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Result<ExitCode> {
+    let s = onnx::summarize(path).with_context(|| format!("{}", path.display()))?;
+    println!("model: {}", path.display());
+    let opsets: Vec<String> =
+        s.opsets.iter().map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d })).collect();
+    println!("  ir_version {}, producer '{}', opsets: {}", s.ir_version, s.producer, opsets.join(", "));
+    println!("inputs:");
+    for (n, t) in &s.inputs {
+        println!("  {n}: {t}");
+    }
+    println!("outputs:");
+    for (n, t) in &s.outputs {
+        println!("  {n}: {t}");
+    }
+    println!("nodes: {}", s.node_count);
+    println!("ops ({} kinds):", s.op_histogram.len());
+    for (op, c) in &s.op_histogram {
+        println!("  {op:<28} {c}");
+    }
+    let total_n: u64 = s.params_by_dtype.values().map(|v| v.0).sum();
+    let total_b: u64 = s.params_by_dtype.values().map(|v| v.1).sum();
+    println!("parameters: {} ({})", thousands(total_n), human_bytes(total_b));
+    for (dt, (n, b)) in &s.params_by_dtype {
+        println!("  {dt:<6} {:>15} elements {:>15} bytes", thousands(*n), thousands(*b));
+    }
+    if !s.external_files.is_empty() {
+        println!("external data: {}", s.external_files.join(", "));
+    }
+    if !s.unsupported.is_empty() {
+        println!("unsupported operators ({}):", s.unsupported.len());
+        for u in &s.unsupported {
+            println!("  {u}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("unsupported operators: none");
+    if show_graph || shapes {
+        let mut model = onnx::load_model(path).with_context(|| format!("{}", path.display()))?;
+        if shapes {
+            let bindings = super::parse_dims(dims)?;
+            shape::bind_dims(&mut model.graph, &bindings)?;
+            shape::infer(&mut model.graph)?;
+            ir::verify::verify(&model.graph)?;
+        }
+        print!("{}", ir::printer::print_graph(&model.graph));
+    }
+    Ok(ExitCode::SUCCESS)
+}
