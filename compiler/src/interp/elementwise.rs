@@ -640,7 +640,12 @@ pub fn cast(x: &Tensor, to: DType, _saturate: bool) -> KResult<Tensor> {
     if x.dtype() == to {
         return Ok(x.clone());
     }
-    let data = if x.dtype().is_float() && !to.is_float() {
+    let to_4bit = matches!(to, DType::I4 | DType::U4);
+    let data = if x.dtype().is_float() && to_4bit {
+        // Casts to 4-bit types truncate, then wrap like any narrowing integer cast.
+        let v: Vec<i64> = x.to_f64_vec().iter().map(|&f| if f.is_nan() { 0 } else { f.trunc() as i64 }).collect();
+        wrap_to_int(&v, to)
+    } else if x.dtype().is_float() && !to.is_float() {
         // Float -> integer truncates toward zero; NaN -> 0 (numpy gives an unspecified value).
         if to == DType::Bool {
             TensorData::Bool(x.to_f64_vec().iter().map(|&f| f != 0.0).collect())
@@ -656,15 +661,19 @@ pub fn cast(x: &Tensor, to: DType, _saturate: bool) -> KResult<Tensor> {
         }
     } else {
         // Integer/bool to integer/bool: two's complement wrap, bool is x != 0.
-        let v = x.to_i64_vec();
-        match to {
-            DType::Bool => TensorData::Bool(v.iter().map(|&i| i != 0).collect()),
-            DType::I4 => TensorData::I4(v.iter().map(|&i| ((i as i8) << 4) >> 4).collect()),
-            DType::U4 => TensorData::U4(v.iter().map(|&i| (i as u8) & 0xF).collect()),
-            _ => int_data_like(&TensorData::zeros(to, 0), &v),
-        }
+        wrap_to_int(&x.to_i64_vec(), to)
     };
     Ok(Tensor::new(x.shape.clone(), data))
+}
+
+/// Integer values to an integer or bool type with two's complement wrapping.
+fn wrap_to_int(v: &[i64], to: DType) -> TensorData {
+    match to {
+        DType::Bool => TensorData::Bool(v.iter().map(|&i| i != 0).collect()),
+        DType::I4 => TensorData::I4(v.iter().map(|&i| ((i as i8) << 4) >> 4).collect()),
+        DType::U4 => TensorData::U4(v.iter().map(|&i| (i as u8) & 0xF).collect()),
+        _ => int_data_like(&TensorData::zeros(to, 0), v),
+    }
 }
 
 #[cfg(test)]

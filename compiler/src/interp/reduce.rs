@@ -81,7 +81,18 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
         return Ok(float_tensor(dtype, out_shape, acc));
     }
     if dtype == DType::Bool {
-        return err("reductions are not defined for bool");
+        // Opset 20 allows ReduceMax/ReduceMin on bool (any / all).
+        if !matches!(kind, ReduceKind::Max | ReduceKind::Min) {
+            return err(format!("{kind:?} is not defined for bool"));
+        }
+        let v = x.to_i64_vec();
+        let mut acc = vec![kind == ReduceKind::Min && count > 0; n_out];
+        if count > 0 {
+            for (i, &o) in in_to_out.iter().enumerate() {
+                acc[o] = if kind == ReduceKind::Max { acc[o] || v[i] != 0 } else { acc[o] && v[i] != 0 };
+            }
+        }
+        return Ok(Tensor::from_vec(out_shape, acc));
     }
     let v = x.to_i64_vec();
     let (lo, hi) = int_range(dtype);

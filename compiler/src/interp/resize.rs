@@ -80,23 +80,26 @@ pub fn resize(ins: &[Option<&Tensor>], a: &ResizeAttrs) -> KResult<Tensor> {
 }
 
 fn original_coord(a: &ResizeAttrs, xr: f64, scale: f64, in_len: usize, out_len: usize, roi: (f64, f64)) -> f64 {
-    let (li, lo) = (in_len as f64, out_len as f64);
+    // The resized length in these formulas is `in * scale` before flooring (as in the ONNX
+    // reference), except for half_pixel_symmetric, which uses the integer output length.
+    let li = in_len as f64;
+    let lo = li * scale;
     match a.coordinate_transform {
         CT::HalfPixel => (xr + 0.5) / scale - 0.5,
         CT::HalfPixelSymmetric => {
-            let adj = lo / (li * scale);
+            let adj = out_len as f64 / (li * scale);
             let center = li / 2.0;
             center * (1.0 - adj) + (xr + 0.5) / scale - 0.5
         }
         CT::PytorchHalfPixel => {
-            if out_len > 1 {
+            if lo > 1.0 {
                 (xr + 0.5) / scale - 0.5
             } else {
                 0.0
             }
         }
         CT::AlignCorners => {
-            if out_len == 1 {
+            if lo == 1.0 {
                 0.0
             } else {
                 xr * (li - 1.0) / (lo - 1.0)
@@ -104,7 +107,7 @@ fn original_coord(a: &ResizeAttrs, xr: f64, scale: f64, in_len: usize, out_len: 
         }
         CT::Asymmetric => xr / scale,
         CT::TfCropAndResize => {
-            if out_len > 1 {
+            if lo > 1.0 {
                 roi.0 * (li - 1.0) + xr * (roi.1 - roi.0) * (li - 1.0) / (lo - 1.0)
             } else {
                 0.5 * (roi.0 + roi.1) * (li - 1.0)

@@ -218,6 +218,10 @@ fn import_graph(
                 let _ = v;
                 ParsedKind::Constant(t)
             }),
+            Some(_) if op_type == "Dropout" && domain.is_empty() && n.input.len() > 2 && !n.input[2].is_empty() => {
+                // Training-mode Dropout draws random masks; Kiln implements inference only.
+                Err(ops::OpError::Unsupported)
+            }
             Some(v) => ops::parse_op(&domain, &op_type, v, &attrs).map(ParsedKind::Op),
         };
         match parsed_op {

@@ -102,10 +102,8 @@ impl<'a> Attrs<'a> {
     pub fn dtype(&self, name: &str) -> R<Option<DType>> {
         match self.int_opt(name)? {
             None => Ok(None),
-            Some(code) => match DType::from_onnx(code as i32) {
-                Some(d) => Ok(Some(d)),
-                None => bad(format!("attribute '{name}': element type {} is not supported", DType::onnx_name(code as i32))),
-            },
+            // A valid ONNX type Kiln does not implement (float8, string, ...) is unsupported.
+            Some(code) => DType::from_onnx(code as i32).map(Some).ok_or(OpError::Unsupported),
         }
     }
 }
@@ -294,6 +292,8 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         }),
         "CastLike" => Ok(Op::CastLike { saturate: a.flag("saturate", true)? }),
         "Identity" => Ok(Op::Identity),
+        // Training-mode Dropout is random; only the inference form (no training_mode input) is
+        // implemented. The input count is checked by the importer (see `needs_inputs`).
         "Dropout" => Ok(Op::Dropout),
         "ReduceSum" => reduce(ReduceKind::Sum, 13),
         "ReduceMean" => reduce(ReduceKind::Mean, 18),
@@ -511,6 +511,9 @@ fn resize(a: &Attrs, ver: i64, upsample: bool) -> Result<Op, OpError> {
         "not_smaller" => KeepAspectRatio::NotSmaller,
         o => return bad(format!("unknown keep_aspect_ratio_policy '{o}'")),
     };
+    if a.flag("antialias", false)? {
+        return Err(OpError::Unsupported);
+    }
     Ok(Op::Resize(ResizeAttrs {
         mode,
         coordinate_transform,
