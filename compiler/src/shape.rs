@@ -90,6 +90,21 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
             }
             continue;
         }
+        // Shape and Size of a statically shaped value are constants: fold them too, so that
+        // the shape arithmetic of exported models becomes constant.
+        let static_in = node.inputs.first().copied().flatten().and_then(|v| g.value(v).ty.static_shape());
+        let shape_const = match (&node.op, &static_in) {
+            (Op::Shape { start, end }, Some(dims)) => Some(interp::movement::shape(dims, *start, *end)),
+            (Op::Size, Some(dims)) => Some(Tensor::scalar(dims.iter().product::<usize>() as i64)),
+            _ => None,
+        };
+        if let Some(t) = shape_const {
+            g.remove_node(id);
+            let v = g.value_mut(node.outputs[0]);
+            v.ty = ValueType::fixed(t.dtype(), &t.shape);
+            v.def = ValueDef::Const(Constant::from_tensor(&t));
+            continue;
+        }
         if data_dependent(&node.op) {
             return Err(fail("its output shape depends on input values that are only known at run time".into()));
         }

@@ -9,7 +9,7 @@
 
 mod elementwise;
 mod linalg;
-mod movement;
+pub(crate) mod movement;
 mod norm;
 mod quant;
 mod reduce;
@@ -211,7 +211,7 @@ pub fn eval_op(op: &Op, ins: &[Option<&Tensor>], n_outputs: usize) -> Result<Vec
         Squeeze { axes } => one(movement::squeeze(ins, axes.as_deref())?),
         Unsqueeze { axes } => one(movement::unsqueeze(ins, axes.as_deref())?),
         Flatten { axis } => one(movement::flatten(util::input(ins, 0)?, *axis)?),
-        Shape { start, end } => one(movement::shape(util::input(ins, 0)?, *start, *end)),
+        Shape { start, end } => one(movement::shape(&util::input(ins, 0)?.shape, *start, *end)),
         Size => one(Tensor::scalar(util::input(ins, 0)?.numel() as i64)),
         ConstantOfShape { value } => one(movement::constant_of_shape(util::input(ins, 0)?, value)?),
         Range => one(movement::range(util::input(ins, 0)?, util::input(ins, 1)?, util::input(ins, 2)?)?),

@@ -446,13 +446,14 @@ pub fn flatten(x: &Tensor, ax: i64) -> KResult<Tensor> {
     Ok(x.reshaped(vec![x.shape[..a].iter().product(), x.shape[a..].iter().product()]))
 }
 
-pub fn shape(x: &Tensor, start: i64, end: Option<i64>) -> Tensor {
-    let r = x.rank() as i64;
+/// The `Shape` op on a tensor of shape `dims`.
+pub fn shape(dims: &[usize], start: i64, end: Option<i64>) -> Tensor {
+    let r = dims.len() as i64;
     let clampv = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
     let s = clampv(start);
     let e = clampv(end.unwrap_or(r));
-    let dims: Vec<i64> = if s < e { x.shape[s..e].iter().map(|&d| d as i64).collect() } else { vec![] };
-    Tensor::from_vec(vec![dims.len()], dims)
+    let out: Vec<i64> = if s < e { dims[s..e].iter().map(|&d| d as i64).collect() } else { vec![] };
+    Tensor::from_vec(vec![out.len()], out)
 }
 
 pub fn constant_of_shape(shape: &Tensor, value: &Tensor) -> KResult<Tensor> {
