@@ -44,6 +44,8 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=FILE")]
         inputs: Vec<String>,
     },
+    /// List the targets Kiln knows, with the features each requires.
+    Targets,
     /// Run every ONNX-test-layout folder (model.onnx + test_data_set_*/) under the given dirs.
     Conformance {
         #[arg(required = true)]
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Run { model, inputs_dir, output_dir, inputs } => {
             cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs)
         }
+        Command::Targets => cli::targets::run(),
         Command::Conformance { dirs, backend, list_file, allow_failures } => {
             cli::conformance::run(&dirs, backend, list_file.as_deref(), allow_failures)
         }

@@ -3,6 +3,7 @@
 pub mod conformance;
 pub mod inspect;
 pub mod run;
+pub mod targets;
 
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
