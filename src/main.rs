@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Kiln: an ONNX model compiler for edge devices")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: an ONNX model compiler for edge devices"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -64,14 +68,25 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Inspect { model, graph, dims, shapes } => cli::inspect::run(&model, graph, &dims, shapes),
-        Command::Run { model, inputs_dir, output_dir, inputs } => {
-            cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs)
-        }
+        Command::Inspect {
+            model,
+            graph,
+            dims,
+            shapes,
+        } => cli::inspect::run(&model, graph, &dims, shapes),
+        Command::Run {
+            model,
+            inputs_dir,
+            output_dir,
+            inputs,
+        } => cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs),
         Command::Targets => cli::targets::run(),
-        Command::Conformance { dirs, backend, list_file, allow_failures } => {
-            cli::conformance::run(&dirs, backend, list_file.as_deref(), allow_failures)
-        }
+        Command::Conformance {
+            dirs,
+            backend,
+            list_file,
+            allow_failures,
+        } => cli::conformance::run(&dirs, backend, list_file.as_deref(), allow_failures),
     };
     match result {
         Ok(code) => code,

@@ -29,8 +29,20 @@ fn run_on(dir: &Path, m: &proto::ModelProto) -> Vec<String> {
     let path = write_model(dir, "model.onnx", m);
     let inputs = dir.join("in");
     std::fs::create_dir_all(&inputs).unwrap();
-    write_tensor_file(&inputs.join("input_0.pb"), "x", &Tensor::from_vec(vec![2, 3], vec![1f32; 6])).unwrap();
-    s(&["run", &p(&path), "--inputs-dir", &p(&inputs), "--output-dir", &p(&dir.join("out"))])
+    write_tensor_file(
+        &inputs.join("input_0.pb"),
+        "x",
+        &Tensor::from_vec(vec![2, 3], vec![1f32; 6]),
+    )
+    .unwrap();
+    s(&[
+        "run",
+        &p(&path),
+        "--inputs-dir",
+        &p(&inputs),
+        "--output-dir",
+        &p(&dir.join("out")),
+    ])
 }
 
 fn external_model(location: &str) -> proto::ModelProto {
@@ -38,9 +50,18 @@ fn external_model(location: &str) -> proto::ModelProto {
     w.raw_data = None;
     w.data_location = Some(1);
     w.external_data = vec![
-        proto::StringStringEntryProto { key: Some("location".into()), value: Some(location.into()) },
-        proto::StringStringEntryProto { key: Some("offset".into()), value: Some("0".into()) },
-        proto::StringStringEntryProto { key: Some("length".into()), value: Some("24".into()) },
+        proto::StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some(location.into()),
+        },
+        proto::StringStringEntryProto {
+            key: Some("offset".into()),
+            value: Some("0".into()),
+        },
+        proto::StringStringEntryProto {
+            key: Some("length".into()),
+            value: Some("24".into()),
+        },
     ];
     model(
         vec![node("Add", "add", &["x", "w"], &["y"])],
@@ -253,8 +274,16 @@ fn bad_inputs_give_one_line_errors() {
             && lines[0].contains(case.expect)
             && !out.stderr.contains("panicked");
         if !ok {
-            failures.push(format!("{}: exit {:?}, stderr: {:?}", case.name, out.code, out.stderr));
+            failures.push(format!(
+                "{}: exit {:?}, stderr: {:?}",
+                case.name, out.code, out.stderr
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} cases misbehaved:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases misbehaved:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -34,14 +34,26 @@ fn onnx_node_tests_do_not_regress() {
             (name, (status, reason))
         })
         .collect();
-    assert_eq!(results.len(), 1765, "the onnx==1.22.0 wheel ships 1765 node tests");
+    assert_eq!(
+        results.len(),
+        1765,
+        "the onnx==1.22.0 wheel ships 1765 node tests"
+    );
     for (name, (status, reason)) in &results {
-        assert!(status == "passed" || !reason.trim().is_empty(), "{name} is {status} without a reason");
+        assert!(
+            status == "passed" || !reason.trim().is_empty(),
+            "{name} is {status} without a reason"
+        );
     }
-    let expected = std::fs::read_to_string(repo_root().join("tests/conformance/onnx_node_passing.txt")).unwrap();
+    let expected =
+        std::fs::read_to_string(repo_root().join("tests/conformance/onnx_node_passing.txt"))
+            .unwrap();
     let mut regressions = Vec::new();
     let mut listed = 0;
-    for name in expected.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for name in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         listed += 1;
         match results.get(name) {
             Some((s, _)) if s == "passed" => {}
@@ -49,11 +61,19 @@ fn onnx_node_tests_do_not_regress() {
             None => regressions.push(format!("{name}: not found")),
         }
     }
-    assert!(regressions.is_empty(), "{} listed tests regressed:\n{}", regressions.len(), regressions.join("\n"));
+    assert!(
+        regressions.is_empty(),
+        "{} listed tests regressed:\n{}",
+        regressions.len(),
+        regressions.join("\n")
+    );
     let passed = results.values().filter(|(s, _)| s == "passed").count();
     assert!(passed >= listed);
     if passed > listed {
-        eprintln!("{} tests pass that are not listed yet: run scripts/update-conformance-list", passed - listed);
+        eprintln!(
+            "{} tests pass that are not listed yet: run scripts/update-conformance-list",
+            passed - listed
+        );
     }
     let expect_summary = format!(
         "{} passed, {} failed, {} skipped",

@@ -12,7 +12,11 @@ const RTOL: f64 = 1e-3;
 const ATOL: f64 = 1e-4;
 
 fn read_set(dir: &Path, prefix: &str) -> Vec<Tensor> {
-    (0..).map(|k| dir.join(format!("{prefix}_{k}.pb"))).take_while(|p| p.exists()).map(|p| read_tensor_file(&p).unwrap().1).collect()
+    (0..)
+        .map(|k| dir.join(format!("{prefix}_{k}.pb")))
+        .take_while(|p| p.exists())
+        .map(|p| read_tensor_file(&p).unwrap().1)
+        .collect()
 }
 
 fn check_model(name: &str) {
@@ -25,7 +29,8 @@ fn check_model(name: &str) {
     let outputs = interp::run(&model.graph, &inputs).unwrap();
     assert_eq!(outputs.len(), expected.len(), "{name}: output count");
     for (k, (e, a)) in expected.iter().zip(&outputs).enumerate() {
-        let d = compare::allclose(e, a, RTOL, ATOL).unwrap_or_else(|r| panic!("{name} output {k}: {r}"));
+        let d = compare::allclose(e, a, RTOL, ATOL)
+            .unwrap_or_else(|r| panic!("{name} output {k}: {r}"));
         eprintln!("{name} output {k}: max abs diff {:.3e}", d.max_abs);
     }
     // Static shape inference types every value and folds the shape subgraphs; the folded
@@ -34,11 +39,19 @@ fn check_model(name: &str) {
     kiln_compiler::shape::bind_dims(&mut g, &Default::default()).unwrap();
     kiln_compiler::shape::infer(&mut g).unwrap();
     kiln_compiler::ir::verify::verify(&g).unwrap();
-    assert!(g.values.iter().all(|v| !matches!(v.def, kiln_compiler::ir::ValueDef::Node(..)) || v.ty.static_shape().is_some()));
-    assert!(g.node_count() < model.graph.node_count(), "{name}: nothing was folded");
+    assert!(g
+        .values
+        .iter()
+        .all(|v| !matches!(v.def, kiln_compiler::ir::ValueDef::Node(..))
+            || v.ty.static_shape().is_some()));
+    assert!(
+        g.node_count() < model.graph.node_count(),
+        "{name}: nothing was folded"
+    );
     let folded = interp::run(&g, &inputs).unwrap();
     for (k, (e, a)) in expected.iter().zip(&folded).enumerate() {
-        compare::allclose(e, a, RTOL, ATOL).unwrap_or_else(|r| panic!("{name} output {k} after shape inference: {r}"));
+        compare::allclose(e, a, RTOL, ATOL)
+            .unwrap_or_else(|r| panic!("{name} output {k} after shape inference: {r}"));
     }
 }
 
@@ -67,7 +80,8 @@ fn smollm2_matches_reference() {
 fn smollm2_seq128_matches_reference_checks() {
     let dir = model_dir("smollm2_135m_seq128");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let checks = &reference["test_input"];
     let model = load_model(&dir.join("model.onnx")).unwrap();
     let inputs = read_set(&dir.join("test_data_set_0"), "input");
@@ -78,21 +92,39 @@ fn smollm2_seq128_matches_reference_checks() {
     let ids = inputs[0].to_i64_vec();
     // Argmax per position: allow a position to differ only where the top two logits are
     // within the tolerance of each other.
-    let want: Vec<u64> = checks["argmax_per_position"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let want: Vec<u64> = checks["argmax_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     for (t, &w) in want.iter().enumerate() {
         let row = &v[t * vocab..(t + 1) * vocab];
-        let got = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+        let got = (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
         if got as u64 != w {
             let gap = (row[got] - row[w as usize]).abs();
-            assert!(gap < 1e-3, "position {t}: argmax {got}, reference {w}, logit gap {gap}");
+            assert!(
+                gap < 1e-3,
+                "position {t}: argmax {got}, reference {w}, logit gap {gap}"
+            );
         }
     }
     let top = &checks["last_position_top10"];
     let last = &v[127 * vocab..];
-    for (id, want) in top["ids"].as_array().unwrap().iter().zip(top["logits"].as_array().unwrap()) {
+    for (id, want) in top["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(top["logits"].as_array().unwrap())
+    {
         let (id, want) = (id.as_u64().unwrap() as usize, want.as_f64().unwrap());
         let got = last[id] as f64;
-        assert!((got - want).abs() <= ATOL + RTOL * want.abs(), "last position logit {id}: {got} vs {want}");
+        assert!(
+            (got - want).abs() <= ATOL + RTOL * want.abs(),
+            "last position logit {id}: {got} vs {want}"
+        );
     }
     // NLL of window 0 (log-softmax in f64), as in the perplexity protocol.
     let mut nll = 0f64;
@@ -103,10 +135,16 @@ fn smollm2_seq128_matches_reference_checks() {
         nll += lse - row[ids[t + 1] as usize] as f64;
     }
     let want_nll = checks["nll_sum"].as_f64().unwrap();
-    assert!((nll - want_nll).abs() < 0.05, "window 0 NLL {nll} vs reference {want_nll}");
+    assert!(
+        (nll - want_nll).abs() < 0.05,
+        "window 0 NLL {nll} vs reference {want_nll}"
+    );
     let sum: f64 = v.iter().map(|&x| x as f64).sum();
     let want_sum = checks["logits_sum"].as_f64().unwrap();
-    assert!((sum - want_sum).abs() / want_sum.abs() < 1e-4, "logits sum {sum} vs {want_sum}");
+    assert!(
+        (sum - want_sum).abs() / want_sum.abs() < 1e-4,
+        "logits sum {sum} vs {want_sum}"
+    );
 }
 
 #[test]
@@ -136,17 +174,38 @@ fn inspect_reports_smollm2_parameters() {
     let r = kiln(&["inspect", &dir.join("model.onnx").display().to_string()]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     // 134,515,008 weights (external and inline) plus 2,330 small shape/constant values.
-    assert!(r.stdout.contains("parameters: 134,517,338 (513.1 MiB)"), "{}", r.stdout);
-    assert!(r.stdout.contains("f32        134,517,315 elements     538,069,260 bytes"), "{}", r.stdout);
-    assert!(r.stdout.contains("MatMul                       271"), "{}", r.stdout);
-    assert!(r.stdout.contains("unsupported operators: none"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("parameters: 134,517,338 (513.1 MiB)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("f32        134,517,315 elements     538,069,260 bytes"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("MatMul                       271"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("unsupported operators: none"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
 fn inspect_lists_every_unsupported_operator() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(
-        vec![node("Frobnicate", "f1", &["x"], &["t"]), node("Unique", "u1", &["t"], &["t2"]), node("Unique", "u2", &["t2"], &["y"])],
+        vec![
+            node("Frobnicate", "f1", &["x"], &["t"]),
+            node("Unique", "u1", &["t"], &["t2"]),
+            node("Unique", "u2", &["t2"], &["y"]),
+        ],
         vec![value_info("x", 1, &[Ok(2), Ok(3)])],
         vec![value_info("y", 1, &[Ok(2), Ok(3)])],
         vec![],
@@ -154,7 +213,19 @@ fn inspect_lists_every_unsupported_operator() {
     let path = write_model(dir.path(), "model.onnx", &m);
     let r = kiln(&["inspect", &path.display().to_string()]);
     assert_eq!(r.code, Some(1));
-    assert!(r.stdout.contains("unsupported operators (2):"), "{}", r.stdout);
-    assert!(r.stdout.contains("ai.onnx::Frobnicate v18 (nodes: f1)"), "{}", r.stdout);
-    assert!(r.stdout.contains("ai.onnx::Unique v18 (nodes: u1, u2)"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("unsupported operators (2):"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("ai.onnx::Frobnicate v18 (nodes: f1)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("ai.onnx::Unique v18 (nodes: u1, u2)"),
+        "{}",
+        r.stdout
+    );
 }

@@ -16,15 +16,27 @@ pub struct Diff {
 /// Compares `actual` with `expected`; `Err` carries a one-line reason.
 pub fn allclose(expected: &Tensor, actual: &Tensor, rtol: f64, atol: f64) -> Result<Diff, String> {
     if expected.dtype() != actual.dtype() {
-        return Err(format!("dtype {} differs from expected {}", actual.dtype(), expected.dtype()));
+        return Err(format!(
+            "dtype {} differs from expected {}",
+            actual.dtype(),
+            expected.dtype()
+        ));
     }
     if expected.shape != actual.shape {
-        return Err(format!("shape {:?} differs from expected {:?}", actual.shape, expected.shape));
+        return Err(format!(
+            "shape {:?} differs from expected {:?}",
+            actual.shape, expected.shape
+        ));
     }
     let e = expected.to_f64_vec();
     let a = actual.to_f64_vec();
     let float = expected.dtype().is_float();
-    let mut d = Diff { max_abs: 0.0, max_rel: 0.0, mismatches: 0, total: e.len() };
+    let mut d = Diff {
+        max_abs: 0.0,
+        max_rel: 0.0,
+        mismatches: 0,
+        total: e.len(),
+    };
     let mut first_bad = None;
     for (i, (&x, &y)) in e.iter().zip(&a).enumerate() {
         let ok = if !float {

@@ -16,14 +16,20 @@ use thiserror::Error;
 pub enum ShapeError {
     #[error("input '{input}' has dynamic dimension '{dim}'; bind it with --dim {dim}=VALUE")]
     UnboundDim { input: String, dim: String },
-    #[error("input '{input}' has a dimension of unknown size (axis {axis}); the model must declare it")]
+    #[error(
+        "input '{input}' has a dimension of unknown size (axis {axis}); the model must declare it"
+    )]
     UnknownDim { input: String, axis: usize },
     #[error("input '{0}' has no declared element type or shape")]
     Untyped(String),
     #[error("--dim {0}: no input of the model has this dimension")]
     UnusedBinding(String),
     #[error("node '{node}' ({op}): {reason}")]
-    Node { node: String, op: String, reason: String },
+    Node {
+        node: String,
+        op: String,
+        reason: String,
+    },
 }
 
 /// Stand-ins above this many elements are not materialised; such nodes must be covered by a
@@ -36,7 +42,9 @@ pub fn bind_dims(g: &mut Graph, bindings: &HashMap<String, usize>) -> Result<(),
     for &i in &g.inputs.clone() {
         let v = g.value_mut(i);
         let name = v.name.clone();
-        let Some(dims) = v.ty.shape.as_mut() else { return Err(ShapeError::Untyped(name)) };
+        let Some(dims) = v.ty.shape.as_mut() else {
+            return Err(ShapeError::Untyped(name));
+        };
         if v.ty.dtype.is_none() {
             return Err(ShapeError::Untyped(name));
         }
@@ -48,7 +56,12 @@ pub fn bind_dims(g: &mut Graph, bindings: &HashMap<String, usize>) -> Result<(),
                         used.insert(s.clone());
                         *d = Dim::Fixed(n);
                     }
-                    None => return Err(ShapeError::UnboundDim { input: name, dim: s.clone() }),
+                    None => {
+                        return Err(ShapeError::UnboundDim {
+                            input: name,
+                            dim: s.clone(),
+                        })
+                    }
                 },
                 Dim::Unknown => return Err(ShapeError::UnknownDim { input: name, axis }),
             }
@@ -72,14 +85,27 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
     })?;
     for id in order {
         let node = g.nodes[id].clone();
-        let fail = |reason: String| ShapeError::Node { node: node.name.clone(), op: node.op.onnx_name().into(), reason };
+        let fail = |reason: String| ShapeError::Node {
+            node: node.name.clone(),
+            op: node.op.onnx_name().into(),
+            reason,
+        };
         let types = input_types(g, &node.inputs);
-        let all_const = node.inputs.iter().flatten().all(|&v| g.constant(v).is_some());
+        let all_const = node
+            .inputs
+            .iter()
+            .flatten()
+            .all(|&v| g.constant(v).is_some());
         if all_const {
             // Constant folding: exact values from the interpreter; the node goes away.
-            let consts: Vec<Option<Tensor>> = node.inputs.iter().map(|i| i.and_then(|v| g.constant(v)).map(|c| c.to_tensor())).collect();
+            let consts: Vec<Option<Tensor>> = node
+                .inputs
+                .iter()
+                .map(|i| i.and_then(|v| g.constant(v)).map(|c| c.to_tensor()))
+                .collect();
             let refs: Vec<Option<&Tensor>> = consts.iter().map(|t| t.as_ref()).collect();
-            let outs = interp::eval_op(&node.op, &refs, node.outputs.len()).map_err(|e| fail(e.0))?;
+            let outs =
+                interp::eval_op(&node.op, &refs, node.outputs.len()).map_err(|e| fail(e.0))?;
             g.remove_node(id);
             for (k, &o) in node.outputs.iter().enumerate() {
                 if let Some(t) = outs.get(k) {
@@ -92,9 +118,16 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
         }
         // Shape and Size of a statically shaped value are constants: fold them too, so that
         // the shape arithmetic of exported models becomes constant.
-        let static_in = node.inputs.first().copied().flatten().and_then(|v| g.value(v).ty.static_shape());
+        let static_in = node
+            .inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|v| g.value(v).ty.static_shape());
         let shape_const = match (&node.op, &static_in) {
-            (Op::Shape { start, end }, Some(dims)) => Some(interp::movement::shape(dims, *start, *end)),
+            (Op::Shape { start, end }, Some(dims)) => {
+                Some(interp::movement::shape(dims, *start, *end))
+            }
             (Op::Size, Some(dims)) => Some(Tensor::scalar(dims.iter().product::<usize>() as i64)),
             _ => None,
         };
@@ -106,7 +139,9 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
             continue;
         }
         if data_dependent(&node.op) {
-            return Err(fail("its output shape depends on input values that are only known at run time".into()));
+            return Err(fail(
+                "its output shape depends on input values that are only known at run time".into(),
+            ));
         }
         if let Some(out_types) = direct_rule(&node.op, &types) {
             for (&o, t) in node.outputs.iter().zip(out_types) {
@@ -125,8 +160,14 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
                 continue;
             }
             let val = g.value(*v);
-            let dtype = val.ty.dtype.ok_or_else(|| fail(format!("input '{}' has no known type", val.name)))?;
-            let shape = val.ty.static_shape().ok_or_else(|| fail(format!("input '{}' has no static shape", val.name)))?;
+            let dtype = val
+                .ty
+                .dtype
+                .ok_or_else(|| fail(format!("input '{}' has no known type", val.name)))?;
+            let shape = val
+                .ty
+                .static_shape()
+                .ok_or_else(|| fail(format!("input '{}' has no static shape", val.name)))?;
             let n: usize = shape.iter().product();
             if n > MAX_STANDIN_ELEMENTS {
                 return Err(fail(format!("no shape rule for an input of {n} elements")));
@@ -144,7 +185,10 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
 }
 
 fn input_types(g: &Graph, inputs: &[Option<ValueId>]) -> Vec<Option<ValueType>> {
-    inputs.iter().map(|i| i.map(|v| g.value(v).ty.clone())).collect()
+    inputs
+        .iter()
+        .map(|i| i.map(|v| g.value(v).ty.clone()))
+        .collect()
 }
 
 fn data_dependent(op: &Op) -> bool {
@@ -162,7 +206,8 @@ fn direct_rule(op: &Op, ins: &[Option<ValueType>]) -> Option<Vec<ValueType>> {
             if a.len() < 2 || b.len() < 2 {
                 return None;
             }
-            let batch = interp::util::broadcast_shapes(&[&a[..a.len() - 2], &b[..b.len() - 2]]).ok()?;
+            let batch =
+                interp::util::broadcast_shapes(&[&a[..a.len() - 2], &b[..b.len() - 2]]).ok()?;
             if a[a.len() - 1] != b[b.len() - 2] {
                 return None;
             }
@@ -174,7 +219,11 @@ fn direct_rule(op: &Op, ins: &[Option<ValueType>]) -> Option<Vec<ValueType>> {
         Op::Unary(_) | Op::Identity => Some(vec![ValueType::fixed(dtype(0)?, &shape(0)?)]),
         Op::Binary(b) => {
             let out = interp::util::broadcast_shapes(&[&shape(0)?, &shape(1)?]).ok()?;
-            let dt = if b.is_predicate() { crate::dtype::DType::Bool } else { dtype(0)? };
+            let dt = if b.is_predicate() {
+                crate::dtype::DType::Bool
+            } else {
+                dtype(0)?
+            };
             Some(vec![ValueType::fixed(dt, &out)])
         }
         Op::Softmax { .. } => Some(vec![ValueType::fixed(dtype(0)?, &shape(0)?)]),

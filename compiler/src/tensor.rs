@@ -157,7 +157,13 @@ macro_rules! elem_float {
 elem_float!(f32, F32, DType::F32, |x: f32| x as f64, |v: f64| v as f32);
 elem_float!(f64, F64, DType::F64, |x: f64| x, |v: f64| v);
 elem_float!(f16, F16, DType::F16, |x: f16| x.to_f64(), f16::from_f64);
-elem_float!(bf16, BF16, DType::BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+elem_float!(
+    bf16,
+    BF16,
+    DType::BF16,
+    |x: bf16| x.to_f64(),
+    bf16::from_f64
+);
 
 impl Elem for bool {
     const DTYPE: DType = DType::Bool;
@@ -313,7 +319,11 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 impl Tensor {
     /// A tensor from data; the caller guarantees `data.len() == numel(shape)`.
     pub fn new(shape: Vec<usize>, data: TensorData) -> Tensor {
-        debug_assert_eq!(numel(&shape), data.len(), "tensor shape {shape:?} does not match data");
+        debug_assert_eq!(
+            numel(&shape),
+            data.len(),
+            "tensor shape {shape:?} does not match data"
+        );
         Tensor { shape, data }
     }
 
@@ -407,8 +417,15 @@ impl Tensor {
         let data = match dtype {
             DType::F32 => TensorData::F32(read(bytes)),
             DType::F64 => TensorData::F64(read(bytes)),
-            DType::F16 => TensorData::F16(read::<u16>(bytes).into_iter().map(f16::from_bits).collect()),
-            DType::BF16 => TensorData::BF16(read::<u16>(bytes).into_iter().map(bf16::from_bits).collect()),
+            DType::F16 => {
+                TensorData::F16(read::<u16>(bytes).into_iter().map(f16::from_bits).collect())
+            }
+            DType::BF16 => TensorData::BF16(
+                read::<u16>(bytes)
+                    .into_iter()
+                    .map(bf16::from_bits)
+                    .collect(),
+            ),
             DType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
             DType::I16 => TensorData::I16(read(bytes)),
             DType::I32 => TensorData::I32(read(bytes)),
@@ -441,7 +458,10 @@ mod tests {
         }
         let t = Tensor::new(vec![3], TensorData::I4(vec![-8, 7, -1]));
         assert_eq!(t.to_le_bytes(), vec![0x78, 0x0F]);
-        assert_eq!(Tensor::from_le_bytes(DType::I4, vec![3], &[0x78, 0x0F]).unwrap(), t);
+        assert_eq!(
+            Tensor::from_le_bytes(DType::I4, vec![3], &[0x78, 0x0F]).unwrap(),
+            t
+        );
         assert!(Tensor::from_le_bytes(DType::F32, vec![3], &[0; 8]).is_none());
     }
 

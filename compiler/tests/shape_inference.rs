@@ -9,14 +9,22 @@ use kiln_compiler::{shape, Tensor};
 use std::collections::HashMap;
 
 fn graph() -> Graph {
-    let mut g = Graph { name: "reshape_heads".into(), ..Default::default() };
+    let mut g = Graph {
+        name: "reshape_heads".into(),
+        ..Default::default()
+    };
     let x = g.add_value(
         "x",
-        ValueType { dtype: Some(DType::F32), shape: Some(vec![Dim::Symbolic("seq".into()), Dim::Fixed(8)]) },
+        ValueType {
+            dtype: Some(DType::F32),
+            shape: Some(vec![Dim::Symbolic("seq".into()), Dim::Fixed(8)]),
+        },
         ValueDef::Input(0),
     );
     g.inputs.push(x);
-    let i64c = |g: &mut Graph, name: &str, v: Vec<i64>, shape: Vec<usize>| g.add_constant(name, Constant::from_tensor(&Tensor::from_vec(shape, v)));
+    let i64c = |g: &mut Graph, name: &str, v: Vec<i64>, shape: Vec<usize>| {
+        g.add_constant(name, Constant::from_tensor(&Tensor::from_vec(shape, v)))
+    };
     let zero = i64c(&mut g, "zero", vec![0], vec![]);
     let axes = i64c(&mut g, "axes", vec![0], vec![1]);
     let heads = i64c(&mut g, "heads", vec![2, 4], vec![2]);
@@ -26,11 +34,39 @@ fn graph() -> Graph {
     let s1 = g.add_value("s1", u.clone(), ValueDef::Undefined);
     let target = g.add_value("target", u.clone(), ValueDef::Undefined);
     let y = g.add_value("y", u, ValueDef::Undefined);
-    g.add_node(Node { name: "shape".into(), op: Op::Shape { start: 0, end: None }, inputs: vec![Some(x)], outputs: vec![s] });
-    g.add_node(Node { name: "gather".into(), op: Op::Gather { axis: 0 }, inputs: vec![Some(s), Some(zero)], outputs: vec![s0] });
-    g.add_node(Node { name: "unsq".into(), op: Op::Unsqueeze { axes: None }, inputs: vec![Some(s0), Some(axes)], outputs: vec![s1] });
-    g.add_node(Node { name: "concat".into(), op: Op::Concat { axis: 0 }, inputs: vec![Some(s1), Some(heads)], outputs: vec![target] });
-    g.add_node(Node { name: "reshape".into(), op: Op::Reshape { allowzero: false }, inputs: vec![Some(x), Some(target)], outputs: vec![y] });
+    g.add_node(Node {
+        name: "shape".into(),
+        op: Op::Shape {
+            start: 0,
+            end: None,
+        },
+        inputs: vec![Some(x)],
+        outputs: vec![s],
+    });
+    g.add_node(Node {
+        name: "gather".into(),
+        op: Op::Gather { axis: 0 },
+        inputs: vec![Some(s), Some(zero)],
+        outputs: vec![s0],
+    });
+    g.add_node(Node {
+        name: "unsq".into(),
+        op: Op::Unsqueeze { axes: None },
+        inputs: vec![Some(s0), Some(axes)],
+        outputs: vec![s1],
+    });
+    g.add_node(Node {
+        name: "concat".into(),
+        op: Op::Concat { axis: 0 },
+        inputs: vec![Some(s1), Some(heads)],
+        outputs: vec![target],
+    });
+    g.add_node(Node {
+        name: "reshape".into(),
+        op: Op::Reshape { allowzero: false },
+        inputs: vec![Some(x), Some(target)],
+        outputs: vec![y],
+    });
     g.outputs.push(y);
     g
 }
@@ -44,12 +80,18 @@ fn shape_subgraph_folds_to_constants() {
     // static input is inferred, and the chain folds once its inputs are constants.
     shape::infer(&mut g).unwrap();
     verify(&g).unwrap();
-    insta::assert_snapshot!(format!("# before\n{before}\n# after binding seq=16 and inference\n{}", print_graph(&g)));
+    insta::assert_snapshot!(format!(
+        "# before\n{before}\n# after binding seq=16 and inference\n{}",
+        print_graph(&g)
+    ));
 }
 
 #[test]
 fn unbound_dim_is_an_error_naming_the_input() {
     let mut g = graph();
     let e = shape::bind_dims(&mut g, &HashMap::new()).unwrap_err();
-    assert_eq!(e.to_string(), "input 'x' has dynamic dimension 'seq'; bind it with --dim seq=VALUE");
+    assert_eq!(
+        e.to_string(),
+        "input 'x' has dynamic dimension 'seq'; bind it with --dim seq=VALUE"
+    );
 }

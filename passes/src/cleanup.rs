@@ -21,8 +21,11 @@ impl Pass for EliminateIdentity {
         let ids: Vec<NodeId> = g.nodes.node_indices().collect();
         for id in ids {
             let n = &g.nodes[id];
-            let copy = matches!(n.op, Op::Identity) || (matches!(n.op, Op::Dropout) && n.outputs.len() == 1);
-            let (Some(Some(src)), [out]) = (n.inputs.first().copied(), n.outputs.as_slice()) else { continue };
+            let copy = matches!(n.op, Op::Identity)
+                || (matches!(n.op, Op::Dropout) && n.outputs.len() == 1);
+            let (Some(Some(src)), [out]) = (n.inputs.first().copied(), n.outputs.as_slice()) else {
+                continue;
+            };
             let out = *out;
             if !copy || g.outputs.contains(&out) {
                 continue;
@@ -50,7 +53,13 @@ impl Pass for DeadCodeElimination {
         let mut stack: Vec<NodeId> = g
             .outputs
             .iter()
-            .filter_map(|&v| if let ValueDef::Node(n, _) = g.value(v).def { Some(n) } else { None })
+            .filter_map(|&v| {
+                if let ValueDef::Node(n, _) = g.value(v).def {
+                    Some(n)
+                } else {
+                    None
+                }
+            })
             .collect();
         while let Some(n) = stack.pop() {
             if !live.insert(n) {
@@ -62,7 +71,11 @@ impl Pass for DeadCodeElimination {
                 }
             }
         }
-        let dead: Vec<NodeId> = g.nodes.node_indices().filter(|n| !live.contains(n)).collect();
+        let dead: Vec<NodeId> = g
+            .nodes
+            .node_indices()
+            .filter(|n| !live.contains(n))
+            .collect();
         let mut report = PassReport::default();
         for id in dead {
             if let Some(n) = g.remove_node(id) {

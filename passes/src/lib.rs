@@ -14,7 +14,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum PassError {
     #[error("pass '{pass}' left an invalid graph: {source}")]
-    Invalid { pass: &'static str, source: VerifyError },
+    Invalid {
+        pass: &'static str,
+        source: VerifyError,
+    },
     #[error("pass '{pass}': {reason}")]
     Failed { pass: &'static str, reason: String },
 }
@@ -64,7 +67,10 @@ impl Pipeline {
         for p in &self.passes {
             let r = p.run(graph)?;
             if self.verify_each {
-                verify(graph).map_err(|source| PassError::Invalid { pass: p.name(), source })?;
+                verify(graph).map_err(|source| PassError::Invalid {
+                    pass: p.name(),
+                    source,
+                })?;
             }
             reports.push((p.name(), r));
         }

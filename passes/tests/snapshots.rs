@@ -8,19 +8,49 @@ use kiln_passes::{DeadCodeElimination, EliminateIdentity, Pass, Pipeline};
 
 /// x -> Identity -> Relu -> Add(w) -> y, plus an unused Neg branch.
 fn tiny_graph() -> Graph {
-    let mut g = Graph { name: "tiny".into(), ..Default::default() };
-    let x = g.add_value("x", ValueType::fixed(DType::F32, &[2, 3]), ValueDef::Input(0));
+    let mut g = Graph {
+        name: "tiny".into(),
+        ..Default::default()
+    };
+    let x = g.add_value(
+        "x",
+        ValueType::fixed(DType::F32, &[2, 3]),
+        ValueDef::Input(0),
+    );
     g.inputs.push(x);
-    let w = g.add_constant("w", Constant::from_tensor(&Tensor::from_vec(vec![3], vec![0.5f32, -1.0, 2.0])));
+    let w = g.add_constant(
+        "w",
+        Constant::from_tensor(&Tensor::from_vec(vec![3], vec![0.5f32, -1.0, 2.0])),
+    );
     let t = ValueType::fixed(DType::F32, &[2, 3]);
     let a = g.add_value("a", t.clone(), ValueDef::Undefined);
     let b = g.add_value("b", t.clone(), ValueDef::Undefined);
     let y = g.add_value("y", t.clone(), ValueDef::Undefined);
     let unused = g.add_value("unused", t, ValueDef::Undefined);
-    g.add_node(Node { name: "copy".into(), op: Op::Identity, inputs: vec![Some(x)], outputs: vec![a] });
-    g.add_node(Node { name: "relu".into(), op: Op::Unary(UnaryOp::Relu), inputs: vec![Some(a)], outputs: vec![b] });
-    g.add_node(Node { name: "add".into(), op: Op::Binary(BinaryOp::Add), inputs: vec![Some(b), Some(w)], outputs: vec![y] });
-    g.add_node(Node { name: "neg".into(), op: Op::Unary(UnaryOp::Neg), inputs: vec![Some(a)], outputs: vec![unused] });
+    g.add_node(Node {
+        name: "copy".into(),
+        op: Op::Identity,
+        inputs: vec![Some(x)],
+        outputs: vec![a],
+    });
+    g.add_node(Node {
+        name: "relu".into(),
+        op: Op::Unary(UnaryOp::Relu),
+        inputs: vec![Some(a)],
+        outputs: vec![b],
+    });
+    g.add_node(Node {
+        name: "add".into(),
+        op: Op::Binary(BinaryOp::Add),
+        inputs: vec![Some(b), Some(w)],
+        outputs: vec![y],
+    });
+    g.add_node(Node {
+        name: "neg".into(),
+        op: Op::Unary(UnaryOp::Neg),
+        inputs: vec![Some(a)],
+        outputs: vec![unused],
+    });
     g.outputs.push(y);
     g
 }
@@ -29,7 +59,11 @@ fn before_after(pass: impl Pass + 'static) -> String {
     let mut g = tiny_graph();
     let before = print_graph(&g);
     let name = pass.name();
-    Pipeline::new().verify_each(true).with(pass).run(&mut g).unwrap();
+    Pipeline::new()
+        .verify_each(true)
+        .with(pass)
+        .run(&mut g)
+        .unwrap();
     format!("# before {name}\n{before}\n# after\n{}", print_graph(&g))
 }
 

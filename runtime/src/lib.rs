@@ -21,7 +21,10 @@ mod tests {
         let h = include_str!("../include/kiln.h");
         assert!(h.contains(&format!("#define KILN_ABI_VERSION {}u", super::ABI_VERSION)));
         assert!(h.contains(&format!("#define KILN_OK {}", super::status::OK)));
-        assert!(h.contains(&format!("#define KILN_ERR_BAD_ARGUMENT {}", super::status::BAD_ARGUMENT)));
+        assert!(h.contains(&format!(
+            "#define KILN_ERR_BAD_ARGUMENT {}",
+            super::status::BAD_ARGUMENT
+        )));
         assert!(h.contains(&format!("#define KILN_ERR_HOST {}", super::status::HOST)));
     }
 }

@@ -57,7 +57,9 @@ fn walk(d: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         out.push(d.to_path_buf());
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(d)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(d)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     entries.sort();
     for e in entries {
         if e.is_dir() {
@@ -72,8 +74,14 @@ pub fn run_test(dir: &Path) -> (Status, String) {
     match std::panic::catch_unwind(|| run_test_inner(dir)) {
         Ok(r) => r,
         Err(p) => {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            (Status::Failed, format!("panic: {}", msg.unwrap_or_default()))
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            (
+                Status::Failed,
+                format!("panic: {}", msg.unwrap_or_default()),
+            )
         }
     }
 }
@@ -81,7 +89,9 @@ pub fn run_test(dir: &Path) -> (Status, String) {
 fn skip_reason(e: &ImportError) -> Option<String> {
     match e {
         ImportError::UnsupportedOps(_) | ImportError::BadType { .. } => Some(e.to_string()),
-        ImportError::BadTensor { reason, .. } if reason.contains("not supported") => Some(e.to_string()),
+        ImportError::BadTensor { reason, .. } if reason.contains("not supported") => {
+            Some(e.to_string())
+        }
         _ => None,
     }
 }
@@ -100,7 +110,11 @@ fn run_test_inner(dir: &Path) -> (Status, String) {
     let mut sets: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
+            })
             .collect(),
         Err(e) => return (Status::Failed, format!("reading {}: {e}", dir.display())),
     };
@@ -115,7 +129,11 @@ fn run_test_inner(dir: &Path) -> (Status, String) {
                 Ok((_, t)) => inputs.push(t),
                 Err(e) => {
                     let r = e.to_string();
-                    let status = if r.contains("not supported") { Status::Skipped } else { Status::Failed };
+                    let status = if r.contains("not supported") {
+                        Status::Skipped
+                    } else {
+                        Status::Failed
+                    };
                     return (status, r);
                 }
             }
@@ -133,7 +151,11 @@ fn run_test_inner(dir: &Path) -> (Status, String) {
                 Ok((_, t)) => t,
                 Err(e) => {
                     let r = e.to_string();
-                    let status = if r.contains("not supported") { Status::Skipped } else { Status::Failed };
+                    let status = if r.contains("not supported") {
+                        Status::Skipped
+                    } else {
+                        Status::Failed
+                    };
                     return (status, r);
                 }
             };
@@ -147,14 +169,27 @@ fn run_test_inner(dir: &Path) -> (Status, String) {
 }
 
 fn test_name(dir: &Path) -> String {
-    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
 }
 
-pub fn run(dirs: &[PathBuf], backend: Backend, list_file: Option<&Path>, allow_failures: bool) -> Result<ExitCode> {
+pub fn run(
+    dirs: &[PathBuf],
+    backend: Backend,
+    list_file: Option<&Path>,
+    allow_failures: bool,
+) -> Result<ExitCode> {
     let Backend::Interp = backend;
     let tests = find_tests(dirs)?;
     if tests.is_empty() {
-        bail!("no test folders (model.onnx + test_data_set_*) under {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no test folders (model.onnx + test_data_set_*) under {}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let results: Vec<(String, Status, String)> = tests
         .par_iter()
@@ -178,11 +213,24 @@ pub fn run(dirs: &[PathBuf], backend: Backend, list_file: Option<&Path>, allow_f
         }
     }
     if let Some(f) = list_file {
-        let mut out = std::fs::File::create(f).with_context(|| format!("cannot write {}", f.display()))?;
+        let mut out =
+            std::fs::File::create(f).with_context(|| format!("cannot write {}", f.display()))?;
         for (name, status, reason) in &results {
-            writeln!(out, "{name} {} {}", status.word(), reason.replace('\n', " "))?;
+            writeln!(
+                out,
+                "{name} {} {}",
+                status.word(),
+                reason.replace('\n', " ")
+            )?;
         }
     }
-    println!("{} passed, {} failed, {} skipped", counts[0], counts[1], counts[2]);
-    Ok(if counts[1] > 0 && !allow_failures { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    println!(
+        "{} passed, {} failed, {} skipped",
+        counts[0], counts[1], counts[2]
+    );
+    Ok(if counts[1] > 0 && !allow_failures {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

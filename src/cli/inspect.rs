@@ -37,9 +37,17 @@ fn thousands(n: u64) -> String {
 pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Result<ExitCode> {
     let s = onnx::summarize(path).with_context(|| format!("{}", path.display()))?;
     println!("model: {}", path.display());
-    let opsets: Vec<String> =
-        s.opsets.iter().map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d })).collect();
-    println!("  ir_version {}, producer '{}', opsets: {}", s.ir_version, s.producer, opsets.join(", "));
+    let opsets: Vec<String> = s
+        .opsets
+        .iter()
+        .map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d }))
+        .collect();
+    println!(
+        "  ir_version {}, producer '{}', opsets: {}",
+        s.ir_version,
+        s.producer,
+        opsets.join(", ")
+    );
     println!("inputs:");
     for (n, t) in &s.inputs {
         println!("  {n}: {t}");
@@ -55,9 +63,17 @@ pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Resu
     }
     let total_n: u64 = s.params_by_dtype.values().map(|v| v.0).sum();
     let total_b: u64 = s.params_by_dtype.values().map(|v| v.1).sum();
-    println!("parameters: {} ({})", thousands(total_n), human_bytes(total_b));
+    println!(
+        "parameters: {} ({})",
+        thousands(total_n),
+        human_bytes(total_b)
+    );
     for (dt, (n, b)) in &s.params_by_dtype {
-        println!("  {dt:<6} {:>15} elements {:>15} bytes", thousands(*n), thousands(*b));
+        println!(
+            "  {dt:<6} {:>15} elements {:>15} bytes",
+            thousands(*n),
+            thousands(*b)
+        );
     }
     if !s.external_files.is_empty() {
         println!("external data: {}", s.external_files.join(", "));

@@ -24,7 +24,9 @@ pub fn parse_dims(items: &[String]) -> Result<HashMap<String, usize>> {
     parse_pairs("--dim", items)?
         .into_iter()
         .map(|(k, v)| {
-            let n = v.parse::<usize>().with_context(|| format!("--dim {k}={v}: the value must be a non-negative integer"))?;
+            let n = v.parse::<usize>().with_context(|| {
+                format!("--dim {k}={v}: the value must be a non-negative integer")
+            })?;
             Ok((k, n))
         })
         .collect()

@@ -7,32 +7,52 @@ use kiln_compiler::{interp, Tensor};
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(model_path: &Path, inputs_dir: Option<&Path>, output_dir: &Path, overrides: &[String]) -> Result<ExitCode> {
+pub fn run(
+    model_path: &Path,
+    inputs_dir: Option<&Path>,
+    output_dir: &Path,
+    overrides: &[String],
+) -> Result<ExitCode> {
     if model_path.extension().is_some_and(|e| e == "so") {
         bail!("{}: running compiled artifacts needs the codegen backend, which this build does not have yet", model_path.display());
     }
-    let model = onnx::load_model(model_path).with_context(|| format!("{}", model_path.display()))?;
+    let model =
+        onnx::load_model(model_path).with_context(|| format!("{}", model_path.display()))?;
     let g = &model.graph;
     let overrides = super::parse_pairs("--input", overrides)?;
     for (name, _) in &overrides {
         if !g.inputs.iter().any(|&i| &g.value(i).name == name) {
             let names: Vec<&str> = g.inputs.iter().map(|&i| g.value(i).name.as_str()).collect();
-            bail!("--input {name}: the model has no input of that name (inputs: {})", names.join(", "));
+            bail!(
+                "--input {name}: the model has no input of that name (inputs: {})",
+                names.join(", ")
+            );
         }
     }
     let inputs = read_inputs(g, inputs_dir, &overrides)?;
     let outputs = interp::run(g, &inputs)?;
-    std::fs::create_dir_all(output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create {}", output_dir.display()))?;
     for (k, (t, &vid)) in outputs.iter().zip(&g.outputs).enumerate() {
         let path = output_dir.join(format!("output_{k}.pb"));
         tensor_proto::write_tensor_file(&path, &g.value(vid).name, t)?;
-        println!("{} {}{:?} -> {}", g.value(vid).name, t.dtype(), t.shape, path.display());
+        println!(
+            "{} {}{:?} -> {}",
+            g.value(vid).name,
+            t.dtype(),
+            t.shape,
+            path.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Inputs in graph order: `--input NAME=FILE` first, else `input_N.pb` from the folder.
-pub fn read_inputs(g: &kiln_compiler::Graph, dir: Option<&Path>, overrides: &[(String, String)]) -> Result<Vec<Tensor>> {
+pub fn read_inputs(
+    g: &kiln_compiler::Graph,
+    dir: Option<&Path>,
+    overrides: &[(String, String)],
+) -> Result<Vec<Tensor>> {
     let mut out = Vec::with_capacity(g.inputs.len());
     for (k, &vid) in g.inputs.iter().enumerate() {
         let name = &g.value(vid).name;
@@ -40,7 +60,9 @@ pub fn read_inputs(g: &kiln_compiler::Graph, dir: Option<&Path>, overrides: &[(S
             Some((_, f)) => Path::new(f).to_path_buf(),
             None => match dir {
                 Some(d) => d.join(format!("input_{k}.pb")),
-                None => bail!("input '{name}' has no value: pass --inputs-dir or --input {name}=FILE"),
+                None => {
+                    bail!("input '{name}' has no value: pass --inputs-dir or --input {name}=FILE")
+                }
             },
         };
         let (_, t) = tensor_proto::read_tensor_file(&path)?;

@@ -5,14 +5,23 @@ use kiln_targets::{Vectors, TARGETS};
 use std::process::ExitCode;
 
 pub fn run() -> Result<ExitCode> {
-    println!("{:<22} {:<18} {:<14} description", "target", "requires", "vectors");
+    println!(
+        "{:<22} {:<18} {:<14} description",
+        "target", "requires", "vectors"
+    );
     for t in TARGETS {
         let v = match t.vectors {
             Vectors::Fixed(b) => format!("{b}-bit"),
             Vectors::Scalable { min_bits } => format!(">={min_bits}-bit VLA"),
             Vectors::Warp(n) => format!("warp {n}"),
         };
-        println!("{:<22} {:<18} {:<14} {}", t.name, t.required_features.join(","), v, t.description);
+        println!(
+            "{:<22} {:<18} {:<14} {}",
+            t.name,
+            t.required_features.join(","),
+            v,
+            t.description
+        );
     }
     println!("(code generation for these targets arrives with `kiln compile`; this build runs models with the reference interpreter only)");
     Ok(ExitCode::SUCCESS)

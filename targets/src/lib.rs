@@ -46,7 +46,8 @@ pub const TARGETS: &[Target] = &[
         isa: Isa::X86_64,
         required_features: &["sse4.1"],
         vectors: Vectors::Fixed(128),
-        description: "x86-64 host, 128-bit SSE4.1 vectors (for running and measuring on the build machine)",
+        description:
+            "x86-64 host, 128-bit SSE4.1 vectors (for running and measuring on the build machine)",
     },
     Target {
         name: "aarch64-neon",
@@ -67,7 +68,8 @@ pub const TARGETS: &[Target] = &[
         isa: Isa::Aarch64,
         required_features: &["neon", "sve"],
         vectors: Vectors::Scalable { min_bits: 128 },
-        description: "ARMv8.2-A+ with SVE scalable, predicated vectors (vector-length agnostic code)",
+        description:
+            "ARMv8.2-A+ with SVE scalable, predicated vectors (vector-length agnostic code)",
     },
     Target {
         name: "cuda-sm80",

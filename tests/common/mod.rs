@@ -37,7 +37,12 @@ pub fn onnx_node_tests() -> PathBuf {
             .map(|e| e.path().join("site-packages/onnx/backend/test/data/node"))
             .find(|p| p.is_dir())
     });
-    found.unwrap_or_else(|| panic!("no ONNX node tests under {}: run scripts/setup-test-env first", lib.display()))
+    found.unwrap_or_else(|| {
+        panic!(
+            "no ONNX node tests under {}: run scripts/setup-test-env first",
+            lib.display()
+        )
+    })
 }
 
 pub fn repo_root() -> PathBuf {
@@ -51,7 +56,10 @@ pub struct Output {
 }
 
 pub fn kiln(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("kiln runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs");
     Output {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -83,7 +91,11 @@ pub fn tensor_type(elem: i32, dims: &[Result<i64, &str>]) -> proto::TypeProto {
 }
 
 pub fn value_info(name: &str, elem: i32, dims: &[Result<i64, &str>]) -> proto::ValueInfoProto {
-    proto::ValueInfoProto { name: Some(name.into()), r#type: Some(tensor_type(elem, dims)), ..Default::default() }
+    proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(tensor_type(elem, dims)),
+        ..Default::default()
+    }
 }
 
 pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeProto {
@@ -114,7 +126,10 @@ pub fn model(
 ) -> proto::ModelProto {
     proto::ModelProto {
         ir_version: Some(10),
-        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(18) }],
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(18),
+        }],
         graph: Some(proto::GraphProto {
             name: Some("test".into()),
             node: nodes,

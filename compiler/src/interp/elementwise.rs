@@ -160,8 +160,12 @@ fn unary_f(u: &UnaryOp, x: f64) -> f64 {
             }
         }
         HardSigmoid { alpha, beta } => (alpha as f64 * x + beta as f64).clamp(0.0, 1.0),
-        Gelu { tanh_approximation: false } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
-        Gelu { tanh_approximation: true } => {
+        Gelu {
+            tanh_approximation: false,
+        } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        Gelu {
+            tanh_approximation: true,
+        } => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
         }
@@ -182,7 +186,10 @@ fn unary_f(u: &UnaryOp, x: f64) -> f64 {
 
 fn unary_typed<T: Elem>(u: &UnaryOp, v: &[T]) -> KResult<Vec<T>> {
     if T::DTYPE.is_float() {
-        return Ok(v.iter().map(|&x| T::from_f64(unary_f(u, x.to_f64()))).collect());
+        return Ok(v
+            .iter()
+            .map(|&x| T::from_f64(unary_f(u, x.to_f64())))
+            .collect());
     }
     if T::DTYPE == DType::Bool {
         return err(format!("{u:?} is not defined for bool"));
@@ -206,18 +213,30 @@ fn unary_typed<T: Elem>(u: &UnaryOp, v: &[T]) -> KResult<Vec<T>> {
 pub fn unary(u: &UnaryOp, x: &Tensor) -> KResult<Tensor> {
     match u {
         UnaryOp::Not => match &x.data {
-            TensorData::Bool(v) => Ok(Tensor::from_vec(x.shape.clone(), v.iter().map(|b| !b).collect::<Vec<_>>())),
+            TensorData::Bool(v) => Ok(Tensor::from_vec(
+                x.shape.clone(),
+                v.iter().map(|b| !b).collect::<Vec<_>>(),
+            )),
             _ => err("Not needs a bool tensor"),
         },
         UnaryOp::IsNaN => {
             let v = floats_of(x)?;
-            Ok(Tensor::from_vec(x.shape.clone(), v.iter().map(|f| f.is_nan()).collect::<Vec<_>>()))
+            Ok(Tensor::from_vec(
+                x.shape.clone(),
+                v.iter().map(|f| f.is_nan()).collect::<Vec<_>>(),
+            ))
         }
-        UnaryOp::IsInf { detect_negative, detect_positive } => {
+        UnaryOp::IsInf {
+            detect_negative,
+            detect_positive,
+        } => {
             let v = floats_of(x)?;
             let r: Vec<bool> = v
                 .iter()
-                .map(|f| f.is_infinite() && ((*f > 0.0 && *detect_positive) || (*f < 0.0 && *detect_negative)))
+                .map(|f| {
+                    f.is_infinite()
+                        && ((*f > 0.0 && *detect_positive) || (*f < 0.0 && *detect_negative))
+                })
                 .collect();
             Ok(Tensor::from_vec(x.shape.clone(), r))
         }
@@ -243,7 +262,14 @@ pub fn retag(d: TensorData, dtype: DType) -> TensorData {
     }
 }
 
-fn map2<A: Copy, B: Copy, O>(a: &[A], ash: &[usize], b: &[B], bsh: &[usize], out: &[usize], mut f: impl FnMut(A, B) -> O) -> Vec<O> {
+fn map2<A: Copy, B: Copy, O>(
+    a: &[A],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    out: &[usize],
+    mut f: impl FnMut(A, B) -> O,
+) -> Vec<O> {
     if ash == bsh {
         return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
     }
@@ -335,7 +361,11 @@ fn int_binop(op: BinaryOp, x: i64, y: i64, bits: u32, signed: bool) -> KResult<i
             }
         }
         BinaryOp::BitShiftRight => {
-            let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             if y as u64 >= bits as u64 {
                 0
             } else {
@@ -353,9 +383,18 @@ fn int_binop(op: BinaryOp, x: i64, y: i64, bits: u32, signed: bool) -> KResult<i
     })
 }
 
-fn arith_typed<T: Elem>(op: BinaryOp, a: &[T], ash: &[usize], b: &[T], bsh: &[usize], out: &[usize]) -> KResult<Vec<T>> {
+fn arith_typed<T: Elem>(
+    op: BinaryOp,
+    a: &[T],
+    ash: &[usize],
+    b: &[T],
+    bsh: &[usize],
+    out: &[usize],
+) -> KResult<Vec<T>> {
     if T::DTYPE.is_float() {
-        return Ok(map2(a, ash, b, bsh, out, |x, y| T::from_f64(float_binop(op, x.to_f64(), y.to_f64()))));
+        return Ok(map2(a, ash, b, bsh, out, |x, y| {
+            T::from_f64(float_binop(op, x.to_f64(), y.to_f64()))
+        }));
     }
     if T::DTYPE == DType::Bool {
         return err(format!("{op:?} is not defined for bool"));
@@ -363,11 +402,13 @@ fn arith_typed<T: Elem>(op: BinaryOp, a: &[T], ash: &[usize], b: &[T], bsh: &[us
     let bits = T::DTYPE.bits() as u32;
     let signed = T::DTYPE.is_signed_int();
     let mut failure = None;
-    let r = map2(a, ash, b, bsh, out, |x, y| match int_binop(op, x.to_i64(), y.to_i64(), bits, signed) {
-        Ok(v) => T::from_i64(v),
-        Err(e) => {
-            failure = Some(e);
-            T::default()
+    let r = map2(a, ash, b, bsh, out, |x, y| {
+        match int_binop(op, x.to_i64(), y.to_i64(), bits, signed) {
+            Ok(v) => T::from_i64(v),
+            Err(e) => {
+                failure = Some(e);
+                T::default()
+            }
         }
     });
     match failure {
@@ -376,7 +417,14 @@ fn arith_typed<T: Elem>(op: BinaryOp, a: &[T], ash: &[usize], b: &[T], bsh: &[us
     }
 }
 
-fn compare_typed<T: Elem>(op: BinaryOp, a: &[T], ash: &[usize], b: &[T], bsh: &[usize], out: &[usize]) -> KResult<Vec<bool>> {
+fn compare_typed<T: Elem>(
+    op: BinaryOp,
+    a: &[T],
+    ash: &[usize],
+    b: &[T],
+    bsh: &[usize],
+    out: &[usize],
+) -> KResult<Vec<bool>> {
     let bool_only = matches!(op, BinaryOp::And | BinaryOp::Or | BinaryOp::Xor);
     if bool_only && T::DTYPE != DType::Bool {
         return err(format!("{op:?} needs bool inputs"));
@@ -419,24 +467,54 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> KResult<Tensor> {
         return Ok(Tensor::new(out, data));
     }
     if a.dtype() != b.dtype() {
-        return err(format!("input types differ: {} and {}", a.dtype(), b.dtype()));
+        return err(format!(
+            "input types differ: {} and {}",
+            a.dtype(),
+            b.dtype()
+        ));
     }
     macro_rules! both {
         ($f:ident, $wrap:expr) => {
             match (&a.data, &b.data) {
-                (TensorData::F32(x), TensorData::F32(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::F64(x), TensorData::F64(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::F16(x), TensorData::F16(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::BF16(x), TensorData::BF16(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::I8(x), TensorData::I8(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::I16(x), TensorData::I16(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::I32(x), TensorData::I32(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::I64(x), TensorData::I64(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::U8(x), TensorData::U8(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::U16(x), TensorData::U16(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::U32(x), TensorData::U32(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::U64(x), TensorData::U64(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
-                (TensorData::Bool(x), TensorData::Bool(y)) => $wrap($f(op, x, &a.shape, y, &b.shape, &out)?),
+                (TensorData::F32(x), TensorData::F32(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::F64(x), TensorData::F64(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::F16(x), TensorData::F16(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::BF16(x), TensorData::BF16(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::I8(x), TensorData::I8(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::I16(x), TensorData::I16(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::I32(x), TensorData::I32(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::I64(x), TensorData::I64(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::U8(x), TensorData::U8(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::U16(x), TensorData::U16(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::U32(x), TensorData::U32(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::U64(x), TensorData::U64(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
+                (TensorData::Bool(x), TensorData::Bool(y)) => {
+                    $wrap($f(op, x, &a.shape, y, &b.shape, &out)?)
+                }
                 _ => return err(format!("{op:?} is not defined for {}", a.dtype())),
             }
         };
@@ -451,7 +529,9 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> KResult<Tensor> {
 
 pub fn variadic(op: VariadicOp, ins: &[Option<&Tensor>]) -> KResult<Tensor> {
     let ts: Vec<&Tensor> = ins.iter().flatten().copied().collect();
-    let Some(first) = ts.first() else { return err("needs at least one input") };
+    let Some(first) = ts.first() else {
+        return err("needs at least one input");
+    };
     let shapes: Vec<&[usize]> = ts.iter().map(|t| t.shape.as_slice()).collect();
     let out = broadcast_shapes(&shapes)?;
     let dtype = first.dtype();
@@ -546,9 +626,15 @@ fn int_data_like(like: &TensorData, v: &[i64]) -> TensorData {
 }
 
 pub fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> KResult<Tensor> {
-    let TensorData::Bool(cv) = &c.data else { return err("condition must be bool") };
+    let TensorData::Bool(cv) = &c.data else {
+        return err("condition must be bool");
+    };
     if x.dtype() != y.dtype() {
-        return err(format!("X and Y types differ: {} and {}", x.dtype(), y.dtype()));
+        return err(format!(
+            "X and Y types differ: {} and {}",
+            x.dtype(),
+            y.dtype()
+        ));
     }
     let out = broadcast_shapes(&[&c.shape, &x.shape, &y.shape])?;
     let ic = broadcast_index(&c.shape, &out);
@@ -556,14 +642,18 @@ pub fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> KResult<Tensor> {
     let iy = broadcast_index(&y.shape, &out);
     // Gather from the concatenation [x; y].
     let nx = x.numel();
-    let idx: Vec<usize> = (0..ic.len()).map(|k| if cv[ic[k]] { ix[k] } else { nx + iy[k] }).collect();
+    let idx: Vec<usize> = (0..ic.len())
+        .map(|k| if cv[ic[k]] { ix[k] } else { nx + iy[k] })
+        .collect();
     let joined = concat_data(&[&x.data, &y.data])?;
     Ok(Tensor::new(out, joined.gather(&idx)))
 }
 
 /// Concatenates data of the same type end to end.
 pub fn concat_data(parts: &[&TensorData]) -> KResult<TensorData> {
-    let Some(first) = parts.first() else { return err("nothing to concatenate") };
+    let Some(first) = parts.first() else {
+        return err("nothing to concatenate");
+    };
     let dtype = first.dtype();
     if parts.iter().any(|p| p.dtype() != dtype) {
         return err("inputs must have the same type");
@@ -581,7 +671,9 @@ pub fn concat_data(parts: &[&TensorData]) -> KResult<TensorData> {
             }
         };
     }
-    Ok(cat!(F32, F64, F16, BF16, I8, I16, I32, I64, U8, U16, U32, U64, Bool, I4, U4))
+    Ok(cat!(
+        F32, F64, F16, BF16, I8, I16, I32, I64, U8, U16, U32, U64, Bool, I4, U4
+    ))
 }
 
 pub fn clip(ins: &[Option<&Tensor>], amin: Option<f32>, amax: Option<f32>) -> KResult<Tensor> {
@@ -592,7 +684,10 @@ pub fn clip(ins: &[Option<&Tensor>], amin: Option<f32>, amax: Option<f32>) -> KR
         }
         match opt_input(ins, i) {
             Some(t) if t.numel() == 1 => Ok(Some(t.to_f64_vec()[0])),
-            Some(t) => err(format!("Clip bound must be a scalar, got shape {:?}", t.shape)),
+            Some(t) => err(format!(
+                "Clip bound must be a scalar, got shape {:?}",
+                t.shape
+            )),
             None => Ok(None),
         }
     };
@@ -643,14 +738,23 @@ pub fn cast(x: &Tensor, to: DType, _saturate: bool) -> KResult<Tensor> {
     let to_4bit = matches!(to, DType::I4 | DType::U4);
     let data = if x.dtype().is_float() && to_4bit {
         // Casts to 4-bit types truncate, then wrap like any narrowing integer cast.
-        let v: Vec<i64> = x.to_f64_vec().iter().map(|&f| if f.is_nan() { 0 } else { f.trunc() as i64 }).collect();
+        let v: Vec<i64> = x
+            .to_f64_vec()
+            .iter()
+            .map(|&f| if f.is_nan() { 0 } else { f.trunc() as i64 })
+            .collect();
         wrap_to_int(&v, to)
     } else if x.dtype().is_float() && !to.is_float() {
         // Float -> integer truncates toward zero; NaN -> 0 (numpy gives an unspecified value).
         if to == DType::Bool {
             TensorData::Bool(x.to_f64_vec().iter().map(|&f| f != 0.0).collect())
         } else {
-            TensorData::from_f64s(to, x.to_f64_vec().into_iter().map(|f| if f.is_nan() { 0.0 } else { f.trunc() }))
+            TensorData::from_f64s(
+                to,
+                x.to_f64_vec()
+                    .into_iter()
+                    .map(|f| if f.is_nan() { 0.0 } else { f.trunc() }),
+            )
         }
     } else if x.dtype().is_float() || to.is_float() {
         if x.dtype() == DType::U64 {
@@ -682,8 +786,19 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.0, 0.995_322_265_018_952_7), (3.0, 0.999_977_909_503_001_4), (-1.5, -0.966_105_146_475_310_7)] {
-            assert!((erf(x) - want).abs() < 1e-14, "erf({x}) = {} want {want}", erf(x));
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.0, 0.999_977_909_503_001_4),
+            (-1.5, -0.966_105_146_475_310_7),
+        ] {
+            assert!(
+                (erf(x) - want).abs() < 1e-14,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
         }
     }
 
@@ -693,7 +808,10 @@ mod tests {
         let b = Tensor::from_vec(vec![3], vec![10.0f32, 20.0, 30.0]);
         let s = binary(BinaryOp::Add, &a, &b).unwrap();
         assert_eq!(s.shape, vec![2, 3]);
-        assert_eq!(s.as_slice::<f32>().unwrap(), &[11.0, 21.0, 31.0, 12.0, 22.0, 32.0]);
+        assert_eq!(
+            s.as_slice::<f32>().unwrap(),
+            &[11.0, 21.0, 31.0, 12.0, 22.0, 32.0]
+        );
         let c = binary(BinaryOp::Less, &a, &Tensor::scalar(1.5f32)).unwrap();
         assert_eq!(c.as_slice::<bool>().unwrap(), &[true, false]);
     }

@@ -16,7 +16,18 @@ unsafe impl Sync for SendPtr {}
 /// C[m,n] = sum_k A[m,k] B[k,n] for row-major f32 matrices given by (data, row stride, col
 /// stride). Parallel over column blocks of C.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], rsa: isize, csa: isize, b: &[f32], rsb: isize, csb: isize, c: &mut [f32]) {
+pub fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: isize,
+    csa: isize,
+    b: &[f32],
+    rsb: isize,
+    csb: isize,
+    c: &mut [f32],
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -26,7 +37,11 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], rsa: isize, csa: isize, b:
     }
     let flops = m * k * n;
     let threads = rayon::current_num_threads();
-    let block = if flops < (1 << 18) || threads == 1 { n } else { (n.div_ceil(threads * 4)).max(64).min(n) };
+    let block = if flops < (1 << 18) || threads == 1 {
+        n
+    } else {
+        (n.div_ceil(threads * 4)).max(64).min(n)
+    };
     let cp = SendPtr(c.as_mut_ptr());
     let nblocks = n.div_ceil(block);
     (0..nblocks).into_par_iter().for_each(|bi| {
@@ -57,12 +72,31 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], rsa: isize, csa: isize, b:
 }
 
 /// Numpy matmul broadcasting: returns (batch shape, M, K, N, a batch index, b batch index).
-fn matmul_dims(a: &[usize], b: &[usize]) -> KResult<(Vec<usize>, usize, usize, usize, Vec<usize>, Vec<usize>, Vec<usize>)> {
+fn matmul_dims(
+    a: &[usize],
+    b: &[usize],
+) -> KResult<(
+    Vec<usize>,
+    usize,
+    usize,
+    usize,
+    Vec<usize>,
+    Vec<usize>,
+    Vec<usize>,
+)> {
     if a.is_empty() || b.is_empty() {
         return err("MatMul inputs must have rank >= 1");
     }
-    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let a2: Vec<usize> = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<usize> = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -85,12 +119,19 @@ fn matmul_dims(a: &[usize], b: &[usize]) -> KResult<(Vec<usize>, usize, usize, u
 
 pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
     if a.dtype() != b.dtype() {
-        return err(format!("MatMul input types differ: {} and {}", a.dtype(), b.dtype()));
+        return err(format!(
+            "MatMul input types differ: {} and {}",
+            a.dtype(),
+            b.dtype()
+        ));
     }
     let (_batch, m, k, n, ia, ib, out_shape) = matmul_dims(&a.shape, &b.shape)?;
     let nb = ia.len();
     match (&a.data, &b.data) {
-        (TensorData::F32(av), TensorData::F32(bv)) => Ok(Tensor::from_vec(out_shape, matmul_f32(av, bv, m, k, n, &ia, &ib))),
+        (TensorData::F32(av), TensorData::F32(bv)) => Ok(Tensor::from_vec(
+            out_shape,
+            matmul_f32(av, bv, m, k, n, &ia, &ib),
+        )),
         _ if a.dtype().is_float() => {
             let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
             let bv: Vec<f32> = b.to_f64_vec().iter().map(|&x| x as f32).collect();
@@ -113,7 +154,11 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
                 return Ok(float_tensor(DType::F64, out_shape, out));
             }
             let r = matmul_f32(&av, &bv, m, k, n, &ia, &ib);
-            Ok(float_tensor(a.dtype(), out_shape, r.into_iter().map(|x| x as f64).collect()))
+            Ok(float_tensor(
+                a.dtype(),
+                out_shape,
+                r.into_iter().map(|x| x as f64).collect(),
+            ))
         }
         _ => {
             let av = a.to_i64_vec();
@@ -124,12 +169,17 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
                     for p in 0..k {
                         let x = av[ia[bi] * m * k + i * k + p];
                         for j in 0..n {
-                            out[bi * m * n + i * n + j] = out[bi * m * n + i * n + j].wrapping_add(x.wrapping_mul(bv[ib[bi] * k * n + p * n + j]));
+                            out[bi * m * n + i * n + j] = out[bi * m * n + i * n + j]
+                                .wrapping_add(x.wrapping_mul(bv[ib[bi] * k * n + p * n + j]));
                         }
                     }
                 }
             }
-            Ok(Tensor::new(out_shape, TensorData::from_f64s(a.dtype(), out.into_iter().map(|x| x as f64))).with_int_exact(a.dtype()))
+            Ok(Tensor::new(
+                out_shape,
+                TensorData::from_f64s(a.dtype(), out.into_iter().map(|x| x as f64)),
+            )
+            .with_int_exact(a.dtype()))
         }
     }
 }
@@ -142,13 +192,32 @@ impl Tensor {
     }
 }
 
-fn matmul_f32(av: &[f32], bv: &[f32], m: usize, k: usize, n: usize, ia: &[usize], ib: &[usize]) -> Vec<f32> {
+fn matmul_f32(
+    av: &[f32],
+    bv: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    ia: &[usize],
+    ib: &[usize],
+) -> Vec<f32> {
     let nb = ia.len();
     let mut out = vec![0f32; nb * m * n];
     for bi in 0..nb {
         let a = &av[ia[bi] * m * k..][..m * k];
         let b = &bv[ib[bi] * k * n..][..k * n];
-        sgemm(m, k, n, a, k as isize, 1, b, n as isize, 1, &mut out[bi * m * n..][..m * n]);
+        sgemm(
+            m,
+            k,
+            n,
+            a,
+            k as isize,
+            1,
+            b,
+            n as isize,
+            1,
+            &mut out[bi * m * n..][..m * n],
+        );
     }
     out
 }
@@ -157,16 +226,33 @@ pub fn gemm(ins: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) 
     let a = input(ins, 0)?;
     let b = input(ins, 1)?;
     if a.rank() != 2 || b.rank() != 2 {
-        return err(format!("Gemm needs 2-D inputs, got {:?} and {:?}", a.shape, b.shape));
+        return err(format!(
+            "Gemm needs 2-D inputs, got {:?} and {:?}",
+            a.shape, b.shape
+        ));
     }
-    let (m, k) = if ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
-    let (k2, n) = if tb { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+    let (m, k) = if ta {
+        (a.shape[1], a.shape[0])
+    } else {
+        (a.shape[0], a.shape[1])
+    };
+    let (k2, n) = if tb {
+        (b.shape[1], b.shape[0])
+    } else {
+        (b.shape[0], b.shape[1])
+    };
     if k != k2 {
-        return err(format!("Gemm inner dimensions differ: {:?} x {:?}", a.shape, b.shape));
+        return err(format!(
+            "Gemm inner dimensions differ: {:?} x {:?}",
+            a.shape, b.shape
+        ));
     }
     let dtype = a.dtype();
     let mut y: Vec<f64> = if dtype == DType::F32 {
-        let (av, bv) = (a.as_slice::<f32>().unwrap_or_default(), b.as_slice::<f32>().unwrap_or_default());
+        let (av, bv) = (
+            a.as_slice::<f32>().unwrap_or_default(),
+            b.as_slice::<f32>().unwrap_or_default(),
+        );
         let mut c = vec![0f32; m * n];
         let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
         let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
@@ -198,7 +284,10 @@ pub fn gemm(ins: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) 
     if dtype.is_float() {
         Ok(float_tensor(dtype, vec![m, n], y))
     } else {
-        Ok(Tensor::new(vec![m, n], TensorData::from_f64s(dtype, y.into_iter())))
+        Ok(Tensor::new(
+            vec![m, n],
+            TensorData::from_f64s(dtype, y.into_iter()),
+        ))
     }
 }
 
@@ -210,15 +299,24 @@ pub fn matmul_integer(ins: &[Option<&Tensor>]) -> KResult<Tensor> {
     let bv = ints_of(b)?;
     let azp = opt_input(ins, 2).map(ints_of).transpose()?;
     let bzp = opt_input(ins, 3).map(ints_of).transpose()?;
-    let zp_a = |i: usize| azp.as_ref().map(|z| if z.len() == 1 { z[0] } else { z[i] }).unwrap_or(0);
-    let zp_b = |j: usize| bzp.as_ref().map(|z| if z.len() == 1 { z[0] } else { z[j] }).unwrap_or(0);
+    let zp_a = |i: usize| {
+        azp.as_ref()
+            .map(|z| if z.len() == 1 { z[0] } else { z[i] })
+            .unwrap_or(0)
+    };
+    let zp_b = |j: usize| {
+        bzp.as_ref()
+            .map(|z| if z.len() == 1 { z[0] } else { z[j] })
+            .unwrap_or(0)
+    };
     let mut out = vec![0i32; ia.len() * m * n];
     for bi in 0..ia.len() {
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0i64;
                 for p in 0..k {
-                    s += (av[ia[bi] * m * k + i * k + p] - zp_a(i)) * (bv[ib[bi] * k * n + p * n + j] - zp_b(j));
+                    s += (av[ia[bi] * m * k + i * k + p] - zp_a(i))
+                        * (bv[ib[bi] * k * n + p * n + j] - zp_b(j));
                 }
                 out[bi * m * n + i * n + j] = s as i32;
             }
@@ -240,15 +338,22 @@ struct Window {
 fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -> KResult<Window> {
     let r = spatial.len();
     if kernel.len() != r {
-        return err(format!("kernel shape {kernel:?} does not match {r} spatial dims"));
+        return err(format!(
+            "kernel shape {kernel:?} does not match {r} spatial dims"
+        ));
     }
     let or_ones = |v: &[usize]| if v.is_empty() { vec![1; r] } else { v.to_vec() };
     let strides = or_ones(&a.strides);
     let dilations = or_ones(&a.dilations);
-    if strides.len() != r || dilations.len() != r || strides.contains(&0) || dilations.contains(&0) {
+    if strides.len() != r || dilations.len() != r || strides.contains(&0) || dilations.contains(&0)
+    {
         return err("strides/dilations do not match the spatial rank or contain zero");
     }
-    let mut pads = if a.pads.is_empty() { vec![0; 2 * r] } else { a.pads.clone() };
+    let mut pads = if a.pads.is_empty() {
+        vec![0; 2 * r]
+    } else {
+        a.pads.clone()
+    };
     if pads.len() != 2 * r {
         return err(format!("pads {pads:?} must have {} entries", 2 * r));
     }
@@ -260,7 +365,11 @@ fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -
                 let out = spatial[i].div_ceil(strides[i]);
                 let total = ((out - 1) * strides[i] + ext).saturating_sub(spatial[i]);
                 let small = total / 2;
-                let (b, e) = if a.auto_pad == AutoPad::SameUpper { (small, total - small) } else { (total - small, small) };
+                let (b, e) = if a.auto_pad == AutoPad::SameUpper {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
                 pads[i] = b;
                 pads[i + r] = e;
                 output[i] = out;
@@ -272,7 +381,9 @@ fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -
                 }
                 let padded = spatial[i] + pads[i] + pads[i + r];
                 if padded < ext {
-                    return err(format!("window of extent {ext} does not fit the padded input {padded}"));
+                    return err(format!(
+                        "window of extent {ext} does not fit the padded input {padded}"
+                    ));
                 }
                 let span = padded - ext;
                 output[i] = if ceil_mode {
@@ -287,7 +398,14 @@ fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -
             }
         }
     }
-    Ok(Window { input: spatial.to_vec(), kernel: kernel.to_vec(), strides, dilations, pad_begin: pads[..r].to_vec(), output })
+    Ok(Window {
+        input: spatial.to_vec(),
+        kernel: kernel.to_vec(),
+        strides,
+        dilations,
+        pad_begin: pads[..r].to_vec(),
+        output,
+    })
 }
 
 /// Iterates all multi-indices of `shape` (row-major), calling `f` with each.
@@ -310,15 +428,25 @@ pub fn conv(ins: &[Option<&Tensor>], a: &ConvAttrs) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     if x.rank() < 3 || w.rank() != x.rank() {
-        return err(format!("Conv needs X [N,C,...] and W of the same rank, got {:?} and {:?}", x.shape, w.shape));
+        return err(format!(
+            "Conv needs X [N,C,...] and W of the same rank, got {:?} and {:?}",
+            x.shape, w.shape
+        ));
     }
     let (n, c) = (x.shape[0], x.shape[1]);
     let m = w.shape[0];
     let g = a.group;
     if c % g != 0 || m % g != 0 || w.shape[1] * g != c {
-        return err(format!("Conv channels do not match: X {:?}, W {:?}, group {g}", x.shape, w.shape));
+        return err(format!(
+            "Conv channels do not match: X {:?}, W {:?}, group {g}",
+            x.shape, w.shape
+        ));
     }
-    let kernel = if a.kernel_shape.is_empty() { w.shape[2..].to_vec() } else { a.kernel_shape.clone() };
+    let kernel = if a.kernel_shape.is_empty() {
+        w.shape[2..].to_vec()
+    } else {
+        a.kernel_shape.clone()
+    };
     let win = window(&x.shape[2..], &kernel, a, false)?;
     let xv = x.to_f64_vec();
     let wv = w.to_f64_vec();
@@ -345,7 +473,8 @@ pub fn conv(ins: &[Option<&Tensor>], a: &ConvAttrs) -> KResult<Tensor> {
                     let mut off = 0usize;
                     let mut inside = true;
                     for d in 0..r {
-                        let pos = (o[d] * win.strides[d] + k[d] * win.dilations[d]) as isize - win.pad_begin[d] as isize;
+                        let pos = (o[d] * win.strides[d] + k[d] * win.dilations[d]) as isize
+                            - win.pad_begin[d] as isize;
                         if pos < 0 || pos as usize >= win.input[d] {
                             inside = false;
                             break;
@@ -370,42 +499,85 @@ pub fn conv(ins: &[Option<&Tensor>], a: &ConvAttrs) -> KResult<Tensor> {
     Ok(float_tensor(x.dtype(), shape, out))
 }
 
-pub fn conv_transpose(ins: &[Option<&Tensor>], a: &ConvAttrs, output_padding: &[usize], output_shape: &[usize]) -> KResult<Tensor> {
+pub fn conv_transpose(
+    ins: &[Option<&Tensor>],
+    a: &ConvAttrs,
+    output_padding: &[usize],
+    output_shape: &[usize],
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     if x.rank() < 3 || w.rank() != x.rank() {
-        return err(format!("ConvTranspose needs X [N,C,...] and W of the same rank, got {:?} and {:?}", x.shape, w.shape));
+        return err(format!(
+            "ConvTranspose needs X [N,C,...] and W of the same rank, got {:?} and {:?}",
+            x.shape, w.shape
+        ));
     }
     let (n, c) = (x.shape[0], x.shape[1]);
     let g = a.group;
     if w.shape[0] != c || c % g != 0 {
-        return err(format!("ConvTranspose channels do not match: X {:?}, W {:?}", x.shape, w.shape));
+        return err(format!(
+            "ConvTranspose channels do not match: X {:?}, W {:?}",
+            x.shape, w.shape
+        ));
     }
     let mg = w.shape[1];
     let m = mg * g;
     let sp = &x.shape[2..];
     let r = sp.len();
-    let kernel = if a.kernel_shape.is_empty() { w.shape[2..].to_vec() } else { a.kernel_shape.clone() };
+    let kernel = if a.kernel_shape.is_empty() {
+        w.shape[2..].to_vec()
+    } else {
+        a.kernel_shape.clone()
+    };
     let ones = vec![1; r];
-    let strides_v = if a.strides.is_empty() { ones.clone() } else { a.strides.clone() };
-    let dil = if a.dilations.is_empty() { ones.clone() } else { a.dilations.clone() };
-    let opad = if output_padding.is_empty() { vec![0; r] } else { output_padding.to_vec() };
-    let mut pads = if a.pads.is_empty() { vec![0; 2 * r] } else { a.pads.clone() };
-    if pads.len() != 2 * r || strides_v.len() != r || dil.len() != r || opad.len() != r || kernel.len() != r {
+    let strides_v = if a.strides.is_empty() {
+        ones.clone()
+    } else {
+        a.strides.clone()
+    };
+    let dil = if a.dilations.is_empty() {
+        ones.clone()
+    } else {
+        a.dilations.clone()
+    };
+    let opad = if output_padding.is_empty() {
+        vec![0; r]
+    } else {
+        output_padding.to_vec()
+    };
+    let mut pads = if a.pads.is_empty() {
+        vec![0; 2 * r]
+    } else {
+        a.pads.clone()
+    };
+    if pads.len() != 2 * r
+        || strides_v.len() != r
+        || dil.len() != r
+        || opad.len() != r
+        || kernel.len() != r
+    {
         return err("ConvTranspose attribute lengths do not match the spatial rank");
     }
     let mut out_sp = vec![0usize; r];
     for i in 0..r {
         let ext = (kernel[i] - 1) * dil[i] + 1;
         let full = strides_v[i] * (sp[i] - 1) + opad[i] + ext;
-        if !output_shape.is_empty() || matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) {
+        if !output_shape.is_empty() || matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower)
+        {
             let target = if !output_shape.is_empty() {
-                *output_shape.get(output_shape.len() - r + i).ok_or_else(|| KernelError("bad output_shape".into()))?
+                *output_shape
+                    .get(output_shape.len() - r + i)
+                    .ok_or_else(|| KernelError("bad output_shape".into()))?
             } else {
                 sp[i] * strides_v[i]
             };
             let total = full.saturating_sub(target);
-            let (b, e) = if a.auto_pad == AutoPad::SameUpper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) };
+            let (b, e) = if a.auto_pad == AutoPad::SameUpper {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            };
             pads[i] = b;
             pads[i + r] = e;
             out_sp[i] = target;
@@ -414,7 +586,9 @@ pub fn conv_transpose(ins: &[Option<&Tensor>], a: &ConvAttrs, output_padding: &[
                 pads[i] = 0;
                 pads[i + r] = 0;
             }
-            out_sp[i] = full.checked_sub(pads[i] + pads[i + r]).ok_or_else(|| KernelError("pads exceed the output".into()))?;
+            out_sp[i] = full
+                .checked_sub(pads[i] + pads[i + r])
+                .ok_or_else(|| KernelError("pads exceed the output".into()))?;
         }
     }
     let xv = x.to_f64_vec();
@@ -438,7 +612,8 @@ pub fn conv_transpose(ins: &[Option<&Tensor>], a: &ConvAttrs, output_padding: &[
                     let mut off = 0usize;
                     let mut inside = true;
                     for d in 0..r {
-                        let pos = (iv[d] * strides_v[d] + k[d] * dil[d]) as isize - pads[d] as isize;
+                        let pos =
+                            (iv[d] * strides_v[d] + k[d] * dil[d]) as isize - pads[d] as isize;
                         if pos < 0 || pos as usize >= out_sp[d] {
                             inside = false;
                             break;
@@ -487,11 +662,12 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, n_outputs: usize) -> KResult<Vec<Tensor>>
     for_each_index(&win.kernel, |k| kidx.push(k.to_vec()));
     let mut oidx: Vec<Vec<usize>> = Vec::new();
     for_each_index(&win.output, |o| oidx.push(o.to_vec()));
-    let pads_end: Vec<usize> = if p.window.pads.len() == 2 * r && p.window.auto_pad == AutoPad::NotSet {
-        p.window.pads[r..].to_vec()
-    } else {
-        vec![0; r]
-    };
+    let pads_end: Vec<usize> =
+        if p.window.pads.len() == 2 * r && p.window.auto_pad == AutoPad::NotSet {
+            p.window.pads[r..].to_vec()
+        } else {
+            vec![0; r]
+        };
     let mut out = vec![0f64; n * c * out_n];
     let mut indices = vec![0i64; n * c * out_n];
     for plane in 0..n * c {
@@ -509,7 +685,8 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, n_outputs: usize) -> KResult<Vec<Tensor>>
                 let mut col_major = 0usize;
                 let mut cm_stride = 1usize;
                 for d in 0..r {
-                    let pos = (o[d] * win.strides[d] + k[d] * win.dilations[d]) as isize - win.pad_begin[d] as isize;
+                    let pos = (o[d] * win.strides[d] + k[d] * win.dilations[d]) as isize
+                        - win.pad_begin[d] as isize;
                     if pos < -(win.pad_begin[d] as isize) || pos >= (sp[d] + pads_end[d]) as isize {
                         in_padded = false;
                     }
@@ -568,7 +745,10 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, n_outputs: usize) -> KResult<Vec<Tensor>>
 
 pub fn global_pool(x: &Tensor, kind: PoolKind) -> KResult<Tensor> {
     if x.rank() < 3 {
-        return err(format!("global pooling needs X [N,C,...], got {:?}", x.shape));
+        return err(format!(
+            "global pooling needs X [N,C,...], got {:?}",
+            x.shape
+        ));
     }
     let plane: usize = x.shape[2..].iter().product();
     let v = x.to_f64_vec();
@@ -577,7 +757,11 @@ pub fn global_pool(x: &Tensor, kind: PoolKind) -> KResult<Tensor> {
         .map(|ch| match kind {
             PoolKind::Max => ch.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             PoolKind::Average { .. } => ch.iter().sum::<f64>() / plane as f64,
-            PoolKind::Lp { p } => ch.iter().map(|e| e.abs().powi(p as i32)).sum::<f64>().powf(1.0 / p as f64),
+            PoolKind::Lp { p } => ch
+                .iter()
+                .map(|e| e.abs().powi(p as i32))
+                .sum::<f64>()
+                .powf(1.0 / p as f64),
         })
         .collect();
     let mut shape = x.shape[..2].to_vec();

@@ -26,13 +26,26 @@ pub use util::KernelError;
 #[derive(Debug, Error)]
 pub enum InterpError {
     #[error("node '{node}' ({op}): {reason}")]
-    Kernel { node: String, op: String, reason: String },
+    Kernel {
+        node: String,
+        op: String,
+        reason: String,
+    },
     #[error("the model has {want} inputs, {got} were given")]
     InputCount { want: usize, got: usize },
     #[error("input '{name}': expected {want}, got {got}")]
-    InputType { name: String, want: String, got: String },
+    InputType {
+        name: String,
+        want: String,
+        got: String,
+    },
     #[error("input '{name}': dimension '{dim}' is {got} here but {bound} elsewhere")]
-    DimConflict { name: String, dim: String, got: usize, bound: usize },
+    DimConflict {
+        name: String,
+        dim: String,
+        got: usize,
+        bound: usize,
+    },
     #[error("{0}")]
     Graph(String),
 }
@@ -41,14 +54,21 @@ pub enum InterpError {
 /// across inputs; returns the bindings found.
 pub fn check_inputs(g: &Graph, inputs: &[Tensor]) -> Result<HashMap<String, usize>, InterpError> {
     if inputs.len() != g.inputs.len() {
-        return Err(InterpError::InputCount { want: g.inputs.len(), got: inputs.len() });
+        return Err(InterpError::InputCount {
+            want: g.inputs.len(),
+            got: inputs.len(),
+        });
     }
     let mut bound: HashMap<String, usize> = HashMap::new();
     for (&vid, t) in g.inputs.iter().zip(inputs) {
         let v = g.value(vid);
         let want_str = crate::ir::printer::type_str(&v.ty);
         let got_str = format!("{}{:?}", t.dtype(), t.shape);
-        let mismatch = || InterpError::InputType { name: v.name.clone(), want: want_str.clone(), got: got_str.clone() };
+        let mismatch = || InterpError::InputType {
+            name: v.name.clone(),
+            want: want_str.clone(),
+            got: got_str.clone(),
+        };
         if let Some(dt) = v.ty.dtype {
             if dt != t.dtype() {
                 return Err(mismatch());
@@ -64,7 +84,12 @@ pub fn check_inputs(g: &Graph, inputs: &[Tensor]) -> Result<HashMap<String, usiz
                     Dim::Symbolic(s) => {
                         if let Some(&b) = bound.get(s) {
                             if b != n {
-                                return Err(InterpError::DimConflict { name: v.name.clone(), dim: s.clone(), got: n, bound: b });
+                                return Err(InterpError::DimConflict {
+                                    name: v.name.clone(),
+                                    dim: s.clone(),
+                                    got: n,
+                                    bound: b,
+                                });
                             }
                         }
                         bound.insert(s.clone(), n);
@@ -80,7 +105,9 @@ pub fn check_inputs(g: &Graph, inputs: &[Tensor]) -> Result<HashMap<String, usiz
 /// Runs the graph on `inputs` (graph input order) and returns the outputs in graph order.
 pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
     check_inputs(g, inputs)?;
-    let order = g.topo_order().map_err(|e| InterpError::Graph(format!("cycle through {}", e.nodes.join(", "))))?;
+    let order = g
+        .topo_order()
+        .map_err(|e| InterpError::Graph(format!("cycle through {}", e.nodes.join(", "))))?;
     let mut remaining = vec![0usize; g.values.len()];
     for &id in &order {
         for v in g.nodes[id].inputs.iter().flatten() {
@@ -120,13 +147,20 @@ pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
             }
             match &g.value(*o).def {
                 ValueDef::Const(c) => Ok(c.to_tensor()),
-                _ => Err(InterpError::Graph(format!("output '{}' was not computed", g.value(*o).name))),
+                _ => Err(InterpError::Graph(format!(
+                    "output '{}' was not computed",
+                    g.value(*o).name
+                ))),
             }
         })
         .collect()
 }
 
-fn eval_node(g: &Graph, id: NodeId, env: &mut HashMap<ValueId, Tensor>) -> Result<Vec<Tensor>, InterpError> {
+fn eval_node(
+    g: &Graph,
+    id: NodeId,
+    env: &mut HashMap<ValueId, Tensor>,
+) -> Result<Vec<Tensor>, InterpError> {
     let node = &g.nodes[id];
     // Decode constants this node reads that are not decoded yet.
     for v in node.inputs.iter().flatten() {
@@ -136,8 +170,17 @@ fn eval_node(g: &Graph, id: NodeId, env: &mut HashMap<ValueId, Tensor>) -> Resul
             }
         }
     }
-    let ins: Vec<Option<&Tensor>> = node.inputs.iter().map(|i| i.and_then(|v| env.get(&v))).collect();
-    if let Some(pos) = node.inputs.iter().zip(&ins).position(|(i, t)| i.is_some() && t.is_none()) {
+    let ins: Vec<Option<&Tensor>> = node
+        .inputs
+        .iter()
+        .map(|i| i.and_then(|v| env.get(&v)))
+        .collect();
+    if let Some(pos) = node
+        .inputs
+        .iter()
+        .zip(&ins)
+        .position(|(i, t)| i.is_some() && t.is_none())
+    {
         return Err(InterpError::Graph(format!(
             "node '{}' input {pos} ('{}') has no value",
             node.name,
@@ -152,17 +195,33 @@ fn eval_node(g: &Graph, id: NodeId, env: &mut HashMap<ValueId, Tensor>) -> Resul
 }
 
 /// Evaluates one op on host tensors. `n_outputs` is the number of outputs the node declares.
-pub fn eval_op(op: &Op, ins: &[Option<&Tensor>], n_outputs: usize) -> Result<Vec<Tensor>, KernelError> {
+pub fn eval_op(
+    op: &Op,
+    ins: &[Option<&Tensor>],
+    n_outputs: usize,
+) -> Result<Vec<Tensor>, KernelError> {
     use Op::*;
     let one = |t: Tensor| Ok(vec![t]);
     match op {
         Unary(u) => one(elementwise::unary(u, util::input(ins, 0)?)?),
-        Binary(b) => one(elementwise::binary(*b, util::input(ins, 0)?, util::input(ins, 1)?)?),
+        Binary(b) => one(elementwise::binary(
+            *b,
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+        )?),
         Variadic(v) => one(elementwise::variadic(*v, ins)?),
-        Where => one(elementwise::where_(util::input(ins, 0)?, util::input(ins, 1)?, util::input(ins, 2)?)?),
+        Where => one(elementwise::where_(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            util::input(ins, 2)?,
+        )?),
         Clip { min, max } => one(elementwise::clip(ins, *min, *max)?),
         Cast { to, saturate } => one(elementwise::cast(util::input(ins, 0)?, *to, *saturate)?),
-        CastLike { saturate } => one(elementwise::cast(util::input(ins, 0)?, util::input(ins, 1)?.dtype(), *saturate)?),
+        CastLike { saturate } => one(elementwise::cast(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?.dtype(),
+            *saturate,
+        )?),
         Identity => one(util::input(ins, 0)?.clone()),
         Dropout => {
             let x = util::input(ins, 0)?;
@@ -172,66 +231,179 @@ pub fn eval_op(op: &Op, ins: &[Option<&Tensor>], n_outputs: usize) -> Result<Vec
             }
             Ok(out)
         }
-        Reduce { kind, axes, keepdims, noop_with_empty_axes } => {
-            one(reduce::reduce(*kind, ins, axes.as_deref(), *keepdims, *noop_with_empty_axes)?)
-        }
-        ArgReduce { max, axis, keepdims, select_last_index } => {
-            one(reduce::arg_reduce(util::input(ins, 0)?, *max, *axis, *keepdims, *select_last_index)?)
-        }
-        Softmax { kind, axis, coerce_2d } => one(reduce::softmax(util::input(ins, 0)?, *kind, *axis, *coerce_2d)?),
-        CumSum { exclusive, reverse } => one(reduce::cumsum(util::input(ins, 0)?, util::input(ins, 1)?, *exclusive, *reverse)?),
-        TopK { axis, largest, sorted, k } => reduce::topk(ins, *axis, *largest, *sorted, *k),
+        Reduce {
+            kind,
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        } => one(reduce::reduce(
+            *kind,
+            ins,
+            axes.as_deref(),
+            *keepdims,
+            *noop_with_empty_axes,
+        )?),
+        ArgReduce {
+            max,
+            axis,
+            keepdims,
+            select_last_index,
+        } => one(reduce::arg_reduce(
+            util::input(ins, 0)?,
+            *max,
+            *axis,
+            *keepdims,
+            *select_last_index,
+        )?),
+        Softmax {
+            kind,
+            axis,
+            coerce_2d,
+        } => one(reduce::softmax(
+            util::input(ins, 0)?,
+            *kind,
+            *axis,
+            *coerce_2d,
+        )?),
+        CumSum { exclusive, reverse } => one(reduce::cumsum(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *exclusive,
+            *reverse,
+        )?),
+        TopK {
+            axis,
+            largest,
+            sorted,
+            k,
+        } => reduce::topk(ins, *axis, *largest, *sorted, *k),
         MatMul => one(linalg::matmul(util::input(ins, 0)?, util::input(ins, 1)?)?),
-        Gemm { alpha, beta, trans_a, trans_b } => one(linalg::gemm(ins, *alpha, *beta, *trans_a, *trans_b)?),
+        Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => one(linalg::gemm(ins, *alpha, *beta, *trans_a, *trans_b)?),
         MatMulInteger => one(linalg::matmul_integer(ins)?),
-        MatMulNBits { k, n, bits, block_size } => one(quant::matmul_nbits(ins, *k, *n, *bits, *block_size)?),
+        MatMulNBits {
+            k,
+            n,
+            bits,
+            block_size,
+        } => one(quant::matmul_nbits(ins, *k, *n, *bits, *block_size)?),
         Conv(a) => one(linalg::conv(ins, a)?),
-        ConvTranspose { conv, output_padding, output_shape } => {
-            one(linalg::conv_transpose(ins, conv, output_padding, output_shape)?)
-        }
+        ConvTranspose {
+            conv,
+            output_padding,
+            output_shape,
+        } => one(linalg::conv_transpose(
+            ins,
+            conv,
+            output_padding,
+            output_shape,
+        )?),
         Pool(p) => linalg::pool(util::input(ins, 0)?, p, n_outputs),
         GlobalPool(kind) => one(linalg::global_pool(util::input(ins, 0)?, *kind)?),
         BatchNorm { epsilon } => one(norm::batch_norm(ins, *epsilon)?),
         LayerNorm { axis, epsilon } => norm::layer_norm(ins, *axis, *epsilon, n_outputs),
         RmsNorm { axis, epsilon } => one(norm::rms_norm(ins, *axis, *epsilon)?),
         InstanceNorm { epsilon } => one(norm::instance_norm(ins, *epsilon)?),
-        GroupNorm { epsilon, num_groups } => one(norm::group_norm(ins, *epsilon, *num_groups)?),
+        GroupNorm {
+            epsilon,
+            num_groups,
+        } => one(norm::group_norm(ins, *epsilon, *num_groups)?),
         LpNorm { axis, p } => one(norm::lp_norm(util::input(ins, 0)?, *axis, *p)?),
-        Reshape { allowzero } => one(movement::reshape(util::input(ins, 0)?, util::input(ins, 1)?, *allowzero)?),
+        Reshape { allowzero } => one(movement::reshape(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *allowzero,
+        )?),
         Transpose { perm } => one(movement::transpose(util::input(ins, 0)?, perm.as_deref())?),
         Concat { axis } => one(movement::concat(ins, *axis)?),
-        Split { axis, split, num_outputs } => movement::split(ins, *axis, split.as_deref(), *num_outputs, n_outputs),
+        Split {
+            axis,
+            split,
+            num_outputs,
+        } => movement::split(ins, *axis, split.as_deref(), *num_outputs, n_outputs),
         Slice { attrs } => one(movement::slice(ins, attrs.as_ref())?),
-        Gather { axis } => one(movement::gather(util::input(ins, 0)?, util::input(ins, 1)?, *axis)?),
-        GatherElements { axis } => one(movement::gather_elements(util::input(ins, 0)?, util::input(ins, 1)?, *axis)?),
-        GatherND { batch_dims } => one(movement::gather_nd(util::input(ins, 0)?, util::input(ins, 1)?, *batch_dims)?),
-        ScatterElements { axis, reduction } => one(movement::scatter_elements(ins, *axis, *reduction)?),
+        Gather { axis } => one(movement::gather(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *axis,
+        )?),
+        GatherElements { axis } => one(movement::gather_elements(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *axis,
+        )?),
+        GatherND { batch_dims } => one(movement::gather_nd(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *batch_dims,
+        )?),
+        ScatterElements { axis, reduction } => {
+            one(movement::scatter_elements(ins, *axis, *reduction)?)
+        }
         ScatterND { reduction } => one(movement::scatter_nd(ins, *reduction)?),
-        Expand => one(movement::expand(util::input(ins, 0)?, util::input(ins, 1)?)?),
+        Expand => one(movement::expand(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+        )?),
         Squeeze { axes } => one(movement::squeeze(ins, axes.as_deref())?),
         Unsqueeze { axes } => one(movement::unsqueeze(ins, axes.as_deref())?),
         Flatten { axis } => one(movement::flatten(util::input(ins, 0)?, *axis)?),
         Shape { start, end } => one(movement::shape(&util::input(ins, 0)?.shape, *start, *end)),
         Size => one(Tensor::scalar(util::input(ins, 0)?.numel() as i64)),
         ConstantOfShape { value } => one(movement::constant_of_shape(util::input(ins, 0)?, value)?),
-        Range => one(movement::range(util::input(ins, 0)?, util::input(ins, 1)?, util::input(ins, 2)?)?),
+        Range => one(movement::range(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            util::input(ins, 2)?,
+        )?),
         Tile => one(movement::tile(util::input(ins, 0)?, util::input(ins, 1)?)?),
         Pad { mode, pads, value } => one(movement::pad(ins, *mode, pads.as_deref(), *value)?),
         Resize(a) => one(resize::resize(ins, a)?),
-        DepthToSpace { blocksize, crd } => one(movement::depth_to_space(util::input(ins, 0)?, *blocksize, *crd)?),
-        SpaceToDepth { blocksize } => one(movement::space_to_depth(util::input(ins, 0)?, *blocksize)?),
+        DepthToSpace { blocksize, crd } => one(movement::depth_to_space(
+            util::input(ins, 0)?,
+            *blocksize,
+            *crd,
+        )?),
+        SpaceToDepth { blocksize } => {
+            one(movement::space_to_depth(util::input(ins, 0)?, *blocksize)?)
+        }
         Trilu { upper } => one(movement::trilu(ins, *upper)?),
         OneHot { axis } => one(movement::one_hot(ins, *axis)?),
         NonZero => one(movement::non_zero(util::input(ins, 0)?)),
         EyeLike { dtype, k } => one(movement::eye_like(util::input(ins, 0)?, *dtype, *k)?),
-        Compress { axis } => one(movement::compress(util::input(ins, 0)?, util::input(ins, 1)?, *axis)?),
-        ReverseSequence { batch_axis, time_axis } => {
-            one(movement::reverse_sequence(util::input(ins, 0)?, util::input(ins, 1)?, *batch_axis, *time_axis)?)
+        Compress { axis } => one(movement::compress(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *axis,
+        )?),
+        ReverseSequence {
+            batch_axis,
+            time_axis,
+        } => one(movement::reverse_sequence(
+            util::input(ins, 0)?,
+            util::input(ins, 1)?,
+            *batch_axis,
+            *time_axis,
+        )?),
+        DequantizeLinear { axis, block_size } => {
+            one(quant::dequantize_linear(ins, *axis, *block_size)?)
         }
-        DequantizeLinear { axis, block_size } => one(quant::dequantize_linear(ins, *axis, *block_size)?),
-        QuantizeLinear { axis, block_size, saturate, output_dtype } => {
-            one(quant::quantize_linear(ins, *axis, *block_size, *saturate, *output_dtype)?)
-        }
+        QuantizeLinear {
+            axis,
+            block_size,
+            saturate,
+            output_dtype,
+        } => one(quant::quantize_linear(
+            ins,
+            *axis,
+            *block_size,
+            *saturate,
+            *output_dtype,
+        )?),
         DynamicQuantizeLinear => quant::dynamic_quantize_linear(util::input(ins, 0)?),
     }
 }

@@ -41,7 +41,10 @@ pub fn index_with_strides(shape: &[usize], st: &[usize], base: usize) -> Vec<usi
 
 fn permute(t: &Tensor, perm: &[usize]) -> Tensor {
     let idx = permute_index(&t.shape, perm);
-    Tensor::new(perm.iter().map(|&p| t.shape[p]).collect(), t.data.gather(&idx))
+    Tensor::new(
+        perm.iter().map(|&p| t.shape[p]).collect(),
+        t.data.gather(&idx),
+    )
 }
 
 pub fn reshape(x: &Tensor, shape: &Tensor, allowzero: bool) -> KResult<Tensor> {
@@ -64,9 +67,11 @@ pub fn resolve_reshape(in_shape: &[usize], s: &[i64], allowzero: bool) -> KResul
                 infer = Some(i);
                 out.push(1);
             }
-            0 if !allowzero => {
-                out.push(*in_shape.get(i).ok_or_else(|| KernelError(format!("Reshape 0 at {i} has no input dim")))?)
-            }
+            0 if !allowzero => out.push(
+                *in_shape
+                    .get(i)
+                    .ok_or_else(|| KernelError(format!("Reshape 0 at {i} has no input dim")))?,
+            ),
             d if d < 0 => return err(format!("Reshape dim {d} is invalid")),
             d => out.push(d as usize),
         }
@@ -78,7 +83,9 @@ pub fn resolve_reshape(in_shape: &[usize], s: &[i64], allowzero: bool) -> KResul
         }
         out[i] = total / known;
     } else if known != total {
-        return err(format!("cannot reshape {in_shape:?} ({total} elements) to {out:?}"));
+        return err(format!(
+            "cannot reshape {in_shape:?} ({total} elements) to {out:?}"
+        ));
     }
     Ok(out)
 }
@@ -99,12 +106,17 @@ pub fn transpose(x: &Tensor, perm: Option<&[i64]>) -> KResult<Tensor> {
 
 pub fn concat(ins: &[Option<&Tensor>], ax: i64) -> KResult<Tensor> {
     let ts: Vec<&Tensor> = ins.iter().flatten().copied().collect();
-    let Some(first) = ts.first() else { return err("Concat needs inputs") };
+    let Some(first) = ts.first() else {
+        return err("Concat needs inputs");
+    };
     let r = first.rank();
     let a = axis(ax, r)?;
     for t in &ts {
         if t.rank() != r || (0..r).any(|d| d != a && t.shape[d] != first.shape[d]) {
-            return err(format!("Concat inputs {:?} and {:?} do not match off axis {a}", first.shape, t.shape));
+            return err(format!(
+                "Concat inputs {:?} and {:?} do not match off axis {a}",
+                first.shape, t.shape
+            ));
         }
     }
     let outer: usize = first.shape[..a].iter().product();
@@ -140,11 +152,20 @@ fn take_range(x: &Tensor, a: usize, start: usize, len: usize) -> Tensor {
     Tensor::new(shape, x.data.gather(&idx))
 }
 
-pub fn split(ins: &[Option<&Tensor>], ax: i64, attr: Option<&[i64]>, num_outputs: Option<usize>, n_out: usize) -> KResult<Vec<Tensor>> {
+pub fn split(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    attr: Option<&[i64]>,
+    num_outputs: Option<usize>,
+    n_out: usize,
+) -> KResult<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let a = axis(ax, x.rank())?;
     let len = x.shape[a];
-    let sizes: Vec<usize> = if let Some(s) = attr.map(|s| s.to_vec()).or(opt_input(ins, 1).map(ints_of).transpose()?) {
+    let sizes: Vec<usize> = if let Some(s) = attr
+        .map(|s| s.to_vec())
+        .or(opt_input(ins, 1).map(ints_of).transpose()?)
+    {
         if s.iter().any(|&v| v < 0) || s.iter().sum::<i64>() as usize != len {
             return err(format!("split sizes {s:?} do not add up to {len}"));
         }
@@ -153,9 +174,13 @@ pub fn split(ins: &[Option<&Tensor>], ax: i64, attr: Option<&[i64]>, num_outputs
         let parts = num_outputs.unwrap_or(n_out).max(1);
         let chunk = len.div_ceil(parts);
         if num_outputs.is_none() && len % parts != 0 {
-            return err(format!("axis length {len} does not split evenly into {parts} outputs"));
+            return err(format!(
+                "axis length {len} does not split evenly into {parts} outputs"
+            ));
         }
-        (0..parts).map(|i| chunk.min(len.saturating_sub(i * chunk))).collect()
+        (0..parts)
+            .map(|i| chunk.min(len.saturating_sub(i * chunk)))
+            .collect()
     };
     let mut out = Vec::with_capacity(sizes.len());
     let mut start = 0;
@@ -166,7 +191,10 @@ pub fn split(ins: &[Option<&Tensor>], ax: i64, attr: Option<&[i64]>, num_outputs
     Ok(out)
 }
 
-pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>) -> KResult<Tensor> {
+pub fn slice(
+    ins: &[Option<&Tensor>],
+    attrs: Option<&(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let r = x.rank();
     let (starts, ends, axes, steps) = match attrs {
@@ -202,8 +230,16 @@ pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&(Vec<i64>, Vec<i64>, Option
         if e < 0 {
             e = e.saturating_add(dim);
         }
-        let (s, e) = if step > 0 { (clampv(s, 0, dim), clampv(e, 0, dim)) } else { (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1)) };
-        let n = if step > 0 { (e - s).max(0).div_ceil_i(step) } else { (s - e).max(0).div_ceil_i(-step) };
+        let (s, e) = if step > 0 {
+            (clampv(s, 0, dim), clampv(e, 0, dim))
+        } else {
+            (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1))
+        };
+        let n = if step > 0 {
+            (e - s).max(0).div_ceil_i(step)
+        } else {
+            (s - e).max(0).div_ceil_i(-step)
+        };
         st[a] = s;
         sp[a] = step;
         cnt[a] = n as usize;
@@ -246,7 +282,9 @@ pub fn gather(x: &Tensor, indices: &Tensor, ax: i64) -> KResult<Tensor> {
     for &i in &ind {
         let j = if i < 0 { i + dim as i64 } else { i };
         if j < 0 || j >= dim as i64 {
-            return err(format!("Gather index {i} is out of range for axis of length {dim}"));
+            return err(format!(
+                "Gather index {i} is out of range for axis of length {dim}"
+            ));
         }
         norm.push(j as usize);
     }
@@ -265,7 +303,9 @@ pub fn gather(x: &Tensor, indices: &Tensor, ax: i64) -> KResult<Tensor> {
 fn norm_index(i: i64, dim: usize) -> KResult<usize> {
     let j = if i < 0 { i + dim as i64 } else { i };
     if j < 0 || j >= dim as i64 {
-        return err(format!("index {i} is out of range for a dimension of {dim}"));
+        return err(format!(
+            "index {i} is out of range for a dimension of {dim}"
+        ));
     }
     Ok(j as usize)
 }
@@ -285,7 +325,11 @@ pub fn gather_elements(x: &Tensor, indices: &Tensor, ax: i64) -> KResult<Tensor>
         for d in 0..x.rank() {
             let c = rem / ist[d];
             rem %= ist[d];
-            let c = if d == a { norm_index(i, x.shape[a])? } else { c };
+            let c = if d == a {
+                norm_index(i, x.shape[a])?
+            } else {
+                c
+            };
             off += c * xst[d];
         }
         idx.push(off);
@@ -308,8 +352,16 @@ pub fn gather_nd(x: &Tensor, indices: &Tensor, b: usize) -> KResult<Tensor> {
     let slice_shape = &x.shape[b + k..];
     let slice_n = numel(slice_shape);
     let xst = strides(&x.shape);
-    let n_idx = if k == 0 { indices.numel() / 1usize.max(indices.shape[q - 1]) } else { ind.len() / k };
-    let n_idx = if k == 0 { indices.shape[..q - 1].iter().product() } else { n_idx };
+    let n_idx = if k == 0 {
+        indices.numel() / 1usize.max(indices.shape[q - 1])
+    } else {
+        ind.len() / k
+    };
+    let n_idx = if k == 0 {
+        indices.shape[..q - 1].iter().product()
+    } else {
+        n_idx
+    };
     let per_batch = n_idx / batch.max(1);
     let mut idx = Vec::with_capacity(n_idx * slice_n);
     for t in 0..n_idx {
@@ -338,11 +390,18 @@ fn reduce_into(dst: &mut [f64], at: usize, v: f64, r: ScatterReduction) {
 fn rebuild_like(x: &Tensor, v: Vec<f64>, vi: Option<Vec<i64>>) -> Tensor {
     match vi {
         Some(i) if x.dtype() == DType::I64 => Tensor::from_vec(x.shape.clone(), i),
-        _ => Tensor::new(x.shape.clone(), TensorData::from_f64s(x.dtype(), v.into_iter())),
+        _ => Tensor::new(
+            x.shape.clone(),
+            TensorData::from_f64s(x.dtype(), v.into_iter()),
+        ),
     }
 }
 
-pub fn scatter_elements(ins: &[Option<&Tensor>], ax: i64, red: ScatterReduction) -> KResult<Tensor> {
+pub fn scatter_elements(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    red: ScatterReduction,
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let indices = input(ins, 1)?;
     let upd = input(ins, 2)?;
@@ -358,7 +417,11 @@ pub fn scatter_elements(ins: &[Option<&Tensor>], ax: i64, red: ScatterReduction)
         for d in 0..x.rank() {
             let c = rem / ist[d];
             rem %= ist[d];
-            let c = if d == a { norm_index(i, x.shape[a])? } else { c };
+            let c = if d == a {
+                norm_index(i, x.shape[a])?
+            } else {
+                c
+            };
             off += c * xst[d];
         }
         reduce_into(&mut out, off, uv[flat], red);
@@ -371,7 +434,10 @@ pub fn scatter_nd(ins: &[Option<&Tensor>], red: ScatterReduction) -> KResult<Ten
     let indices = input(ins, 1)?;
     let upd = input(ins, 2)?;
     let ind = ints_of(indices)?;
-    let k = *indices.shape.last().ok_or_else(|| KernelError("ScatterND indices must have rank >= 1".into()))?;
+    let k = *indices
+        .shape
+        .last()
+        .ok_or_else(|| KernelError("ScatterND indices must have rank >= 1".into()))?;
     let xst = strides(&x.shape);
     let slice_n: usize = x.shape[k..].iter().product();
     let uv = upd.to_f64_vec();
@@ -411,7 +477,10 @@ pub fn squeeze(ins: &[Option<&Tensor>], attr: Option<&[i64]>) -> KResult<Tensor>
             return err(format!("cannot squeeze axis {d} of size {}", x.shape[d]));
         }
     }
-    let shape = (0..r).filter(|d| !drop.contains(d)).map(|d| x.shape[d]).collect();
+    let shape = (0..r)
+        .filter(|d| !drop.contains(d))
+        .map(|d| x.shape[d])
+        .collect();
     Ok(x.reshaped(shape))
 }
 
@@ -422,7 +491,10 @@ pub fn unsqueeze(ins: &[Option<&Tensor>], attr: Option<&[i64]>) -> KResult<Tenso
         None => ints_of(input(ins, 1)?)?,
     };
     let out_rank = x.rank() + axes.len();
-    let mut ax: Vec<usize> = axes.iter().map(|&a| axis(a, out_rank)).collect::<KResult<_>>()?;
+    let mut ax: Vec<usize> = axes
+        .iter()
+        .map(|&a| axis(a, out_rank))
+        .collect::<KResult<_>>()?;
     ax.sort();
     let mut shape = Vec::with_capacity(out_rank);
     let mut src = x.shape.iter();
@@ -430,7 +502,10 @@ pub fn unsqueeze(ins: &[Option<&Tensor>], attr: Option<&[i64]>) -> KResult<Tenso
         if ax.contains(&d) {
             shape.push(1);
         } else {
-            shape.push(*src.next().ok_or_else(|| KernelError("duplicate Unsqueeze axes".into()))?);
+            shape.push(
+                *src.next()
+                    .ok_or_else(|| KernelError("duplicate Unsqueeze axes".into()))?,
+            );
         }
     }
     Ok(x.reshaped(shape))
@@ -443,7 +518,10 @@ pub fn flatten(x: &Tensor, ax: i64) -> KResult<Tensor> {
         return err(format!("Flatten axis {ax} is out of range for rank {r}"));
     }
     let a = a as usize;
-    Ok(x.reshaped(vec![x.shape[..a].iter().product(), x.shape[a..].iter().product()]))
+    Ok(x.reshaped(vec![
+        x.shape[..a].iter().product(),
+        x.shape[a..].iter().product(),
+    ]))
 }
 
 /// The `Shape` op on a tensor of shape `dims`.
@@ -452,7 +530,11 @@ pub fn shape(dims: &[usize], start: i64, end: Option<i64>) -> Tensor {
     let clampv = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
     let s = clampv(start);
     let e = clampv(end.unwrap_or(r));
-    let out: Vec<i64> = if s < e { dims[s..e].iter().map(|&d| d as i64).collect() } else { vec![] };
+    let out: Vec<i64> = if s < e {
+        dims[s..e].iter().map(|&d| d as i64).collect()
+    } else {
+        vec![]
+    };
     Tensor::from_vec(vec![out.len()], out)
 }
 
@@ -468,7 +550,11 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> KResult<Tensor> 
     }
     let dt = start.dtype();
     if dt.is_float() {
-        let (s, l, d) = (start.to_f64_vec()[0], limit.to_f64_vec()[0], delta.to_f64_vec()[0]);
+        let (s, l, d) = (
+            start.to_f64_vec()[0],
+            limit.to_f64_vec()[0],
+            delta.to_f64_vec()[0],
+        );
         if d == 0.0 {
             return err("Range delta must not be 0");
         }
@@ -476,27 +562,50 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> KResult<Tensor> 
         let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
         return Ok(float_tensor(dt, vec![n], v));
     }
-    let (s, l, d) = (start.to_i64_vec()[0], limit.to_i64_vec()[0], delta.to_i64_vec()[0]);
+    let (s, l, d) = (
+        start.to_i64_vec()[0],
+        limit.to_i64_vec()[0],
+        delta.to_i64_vec()[0],
+    );
     if d == 0 {
         return err("Range delta must not be 0");
     }
-    let n = if d > 0 { (l - s).max(0).div_ceil_i(d) } else { (s - l).max(0).div_ceil_i(-d) } as usize;
+    let n = if d > 0 {
+        (l - s).max(0).div_ceil_i(d)
+    } else {
+        (s - l).max(0).div_ceil_i(-d)
+    } as usize;
     let v: Vec<f64> = (0..n).map(|i| (s + i as i64 * d) as f64).collect();
-    Ok(Tensor::new(vec![n], TensorData::from_f64s(dt, v.into_iter())))
+    Ok(Tensor::new(
+        vec![n],
+        TensorData::from_f64s(dt, v.into_iter()),
+    ))
 }
 
 pub fn tile(x: &Tensor, repeats: &Tensor) -> KResult<Tensor> {
     let rep = ints_of(repeats)?;
     if rep.len() != x.rank() || rep.iter().any(|&r| r < 0) {
-        return err(format!("Tile repeats {rep:?} do not match rank {}", x.rank()));
+        return err(format!(
+            "Tile repeats {rep:?} do not match rank {}",
+            x.rank()
+        ));
     }
-    let out: Vec<usize> = x.shape.iter().zip(&rep).map(|(&d, &r)| d * r as usize).collect();
+    let out: Vec<usize> = x
+        .shape
+        .iter()
+        .zip(&rep)
+        .map(|(&d, &r)| d * r as usize)
+        .collect();
     let ist = strides(&x.shape);
     let n = numel(&out);
     let mut idx = Vec::with_capacity(n);
     let mut counter = vec![0usize; out.len()];
     for _ in 0..n {
-        idx.push((0..out.len()).map(|d| (counter[d] % x.shape[d]) * ist[d]).sum());
+        idx.push(
+            (0..out.len())
+                .map(|d| (counter[d] % x.shape[d]) * ist[d])
+                .sum(),
+        );
         for d in (0..out.len()).rev() {
             counter[d] += 1;
             if counter[d] < out[d] {
@@ -508,7 +617,12 @@ pub fn tile(x: &Tensor, repeats: &Tensor) -> KResult<Tensor> {
     Ok(Tensor::new(out, x.data.gather(&idx)))
 }
 
-pub fn pad(ins: &[Option<&Tensor>], mode: PadMode, attr_pads: Option<&[i64]>, attr_value: f32) -> KResult<Tensor> {
+pub fn pad(
+    ins: &[Option<&Tensor>],
+    mode: PadMode,
+    attr_pads: Option<&[i64]>,
+    attr_value: f32,
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let r = x.rank();
     let raw = match attr_pads {
@@ -516,11 +630,17 @@ pub fn pad(ins: &[Option<&Tensor>], mode: PadMode, attr_pads: Option<&[i64]>, at
         None => ints_of(input(ins, 1)?)?,
     };
     let axes: Vec<usize> = match opt_input(ins, 3) {
-        Some(a) => ints_of(a)?.iter().map(|&v| axis(v, r)).collect::<KResult<_>>()?,
+        Some(a) => ints_of(a)?
+            .iter()
+            .map(|&v| axis(v, r))
+            .collect::<KResult<_>>()?,
         None => (0..r).collect(),
     };
     if raw.len() != 2 * axes.len() {
-        return err(format!("Pad pads {raw:?} must have {} entries", 2 * axes.len()));
+        return err(format!(
+            "Pad pads {raw:?} must have {} entries",
+            2 * axes.len()
+        ));
     }
     let mut pb = vec![0i64; r];
     let mut pe = vec![0i64; r];
@@ -540,7 +660,10 @@ pub fn pad(ins: &[Option<&Tensor>], mode: PadMode, attr_pads: Option<&[i64]>, at
         .collect::<KResult<_>>()?;
     let value_t = match (attr_pads, opt_input(ins, 2)) {
         (None, Some(v)) => v.clone(),
-        _ => Tensor::new(vec![], TensorData::from_f64s(x.dtype(), std::iter::once(attr_value as f64))),
+        _ => Tensor::new(
+            vec![],
+            TensorData::from_f64s(x.dtype(), std::iter::once(attr_value as f64)),
+        ),
     };
     if value_t.dtype() != x.dtype() || value_t.numel() != 1 {
         return err("Pad constant_value must be a scalar of the input type");
@@ -594,7 +717,10 @@ pub fn pad(ins: &[Option<&Tensor>], mode: PadMode, attr_pads: Option<&[i64]>, at
 
 pub fn depth_to_space(x: &Tensor, b: usize, crd: bool) -> KResult<Tensor> {
     if x.rank() != 4 || b == 0 || x.shape[1] % (b * b) != 0 {
-        return err(format!("DepthToSpace needs [N,C,H,W] with C divisible by {}", b * b));
+        return err(format!(
+            "DepthToSpace needs [N,C,H,W] with C divisible by {}",
+            b * b
+        ));
     }
     let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let cc = c / (b * b);
@@ -608,17 +734,24 @@ pub fn depth_to_space(x: &Tensor, b: usize, crd: bool) -> KResult<Tensor> {
 
 pub fn space_to_depth(x: &Tensor, b: usize) -> KResult<Tensor> {
     if x.rank() != 4 || b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
-        return err(format!("SpaceToDepth needs [N,C,H,W] with H and W divisible by {b}"));
+        return err(format!(
+            "SpaceToDepth needs [N,C,H,W] with H and W divisible by {b}"
+        ));
     }
     let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
-    let t = permute(&x.reshaped(vec![n, c, h / b, b, w / b, b]), &[0, 3, 5, 1, 2, 4]);
+    let t = permute(
+        &x.reshaped(vec![n, c, h / b, b, w / b, b]),
+        &[0, 3, 5, 1, 2, 4],
+    );
     Ok(t.reshaped(vec![n, c * b * b, h / b, w / b]))
 }
 
 pub fn trilu(ins: &[Option<&Tensor>], upper: bool) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let k = match opt_input(ins, 1) {
-        Some(t) => *ints_of(t)?.first().ok_or_else(|| KernelError("Trilu k must be a scalar".into()))?,
+        Some(t) => *ints_of(t)?
+            .first()
+            .ok_or_else(|| KernelError("Trilu k must be a scalar".into()))?,
         None => 0,
     };
     if x.rank() < 2 {
@@ -639,7 +772,10 @@ pub fn trilu(ins: &[Option<&Tensor>], upper: bool) -> KResult<Tensor> {
         })
         .collect();
     let zero = TensorData::zeros(x.dtype(), 1);
-    Ok(Tensor::new(x.shape.clone(), concat_data(&[&x.data, &zero])?.gather(&idx)))
+    Ok(Tensor::new(
+        x.shape.clone(),
+        concat_data(&[&x.data, &zero])?.gather(&idx),
+    ))
 }
 
 pub fn one_hot(ins: &[Option<&Tensor>], ax: i64) -> KResult<Tensor> {
@@ -649,7 +785,11 @@ pub fn one_hot(ins: &[Option<&Tensor>], ax: i64) -> KResult<Tensor> {
     if values.numel() != 2 {
         return err("OneHot values must hold [off, on]");
     }
-    let depth = depth_t.to_f64_vec().first().copied().ok_or_else(|| KernelError("OneHot depth is empty".into()))? as i64;
+    let depth = depth_t
+        .to_f64_vec()
+        .first()
+        .copied()
+        .ok_or_else(|| KernelError("OneHot depth is empty".into()))? as i64;
     if depth < 1 {
         return err("OneHot depth must be positive");
     }
@@ -695,12 +835,25 @@ pub fn eye_like(x: &Tensor, dtype: Option<DType>, k: i64) -> KResult<Tensor> {
         return err("EyeLike needs a 2-D input");
     }
     let (r, c) = (x.shape[0], x.shape[1]);
-    let v: Vec<f64> = (0..r * c).map(|f| if (f % c) as i64 - (f / c) as i64 == k { 1.0 } else { 0.0 }).collect();
-    Ok(Tensor::new(x.shape.clone(), TensorData::from_f64s(dtype.unwrap_or(x.dtype()), v.into_iter())))
+    let v: Vec<f64> = (0..r * c)
+        .map(|f| {
+            if (f % c) as i64 - (f / c) as i64 == k {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::new(
+        x.shape.clone(),
+        TensorData::from_f64s(dtype.unwrap_or(x.dtype()), v.into_iter()),
+    ))
 }
 
 pub fn compress(x: &Tensor, cond: &Tensor, ax: Option<i64>) -> KResult<Tensor> {
-    let TensorData::Bool(c) = &cond.data else { return err("Compress condition must be bool") };
+    let TensorData::Bool(c) = &cond.data else {
+        return err("Compress condition must be bool");
+    };
     let (t, a) = match ax {
         Some(a) => (x.clone(), axis(a, x.rank())?),
         None => (x.reshaped(vec![x.numel()]), 0),
@@ -718,7 +871,12 @@ pub fn compress(x: &Tensor, cond: &Tensor, ax: Option<i64>) -> KResult<Tensor> {
     Ok(Tensor::new(shape, t.data.gather(&idx)))
 }
 
-pub fn reverse_sequence(x: &Tensor, lens: &Tensor, batch_axis: usize, time_axis: usize) -> KResult<Tensor> {
+pub fn reverse_sequence(
+    x: &Tensor,
+    lens: &Tensor,
+    batch_axis: usize,
+    time_axis: usize,
+) -> KResult<Tensor> {
     let l = ints_of(lens)?;
     if batch_axis >= x.rank() || time_axis >= x.rank() {
         return err("ReverseSequence axes out of range");

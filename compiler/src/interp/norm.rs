@@ -13,7 +13,9 @@ pub fn batch_norm(ins: &[Option<&Tensor>], eps: f32) -> KResult<Tensor> {
     }
     let c = x.shape[1];
     if [&scale, &bias, &mean, &var].iter().any(|v| v.len() != c) {
-        return err(format!("BatchNormalization parameters must have {c} elements"));
+        return err(format!(
+            "BatchNormalization parameters must have {c} elements"
+        ));
     }
     let inner: usize = x.shape[2..].iter().product();
     let v = x.to_f64_vec();
@@ -29,7 +31,12 @@ pub fn batch_norm(ins: &[Option<&Tensor>], eps: f32) -> KResult<Tensor> {
 }
 
 /// Normalises over the trailing dims from `axis`; `rms` skips the mean subtraction.
-fn normalize_trailing(ins: &[Option<&Tensor>], ax: i64, eps: f32, rms: bool) -> KResult<(Tensor, Vec<f64>, Vec<f64>, usize)> {
+fn normalize_trailing(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    eps: f32,
+    rms: bool,
+) -> KResult<(Tensor, Vec<f64>, Vec<f64>, usize)> {
     let x = input(ins, 0)?;
     let a = axis(ax, x.rank())?;
     let outer: usize = x.shape[..a].iter().product();
@@ -48,7 +55,11 @@ fn normalize_trailing(ins: &[Option<&Tensor>], ax: i64, eps: f32, rms: bool) -> 
     let mut inv_stds = Vec::with_capacity(outer);
     for o in 0..outer {
         let row = &v[o * inner..][..inner];
-        let mean = if rms { 0.0 } else { row.iter().sum::<f64>() / inner as f64 };
+        let mean = if rms {
+            0.0
+        } else {
+            row.iter().sum::<f64>() / inner as f64
+        };
         let var = row.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / inner as f64;
         let inv = 1.0 / (var + eps as f64).sqrt();
         for k in 0..inner {
@@ -61,10 +72,20 @@ fn normalize_trailing(ins: &[Option<&Tensor>], ax: i64, eps: f32, rms: bool) -> 
         means.push(mean);
         inv_stds.push(inv);
     }
-    Ok((float_tensor(x.dtype(), x.shape.clone(), out), means, inv_stds, a))
+    Ok((
+        float_tensor(x.dtype(), x.shape.clone(), out),
+        means,
+        inv_stds,
+        a,
+    ))
 }
 
-pub fn layer_norm(ins: &[Option<&Tensor>], ax: i64, eps: f32, n_outputs: usize) -> KResult<Vec<Tensor>> {
+pub fn layer_norm(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    eps: f32,
+    n_outputs: usize,
+) -> KResult<Vec<Tensor>> {
     let (y, means, invs, a) = normalize_trailing(ins, ax, eps, false)?;
     let mut res = vec![y];
     if n_outputs > 1 {
@@ -111,7 +132,10 @@ pub fn group_norm(ins: &[Option<&Tensor>], eps: f32, groups: usize) -> KResult<T
     let scale = input(ins, 1)?.to_f64_vec();
     let bias = input(ins, 2)?.to_f64_vec();
     if x.rank() < 3 || groups == 0 || x.shape[1] % groups != 0 {
-        return err(format!("GroupNormalization: {groups} groups do not divide the channels of {:?}", x.shape));
+        return err(format!(
+            "GroupNormalization: {groups} groups do not divide the channels of {:?}",
+            x.shape
+        ));
     }
     let (n, c) = (x.shape[0], x.shape[1]);
     let sp: usize = x.shape[2..].iter().product();

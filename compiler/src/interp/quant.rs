@@ -19,15 +19,24 @@ fn param_index(x_shape: &[usize], p_shape: &[usize], ax: i64, block: usize) -> K
     let xst = strides(x_shape);
     if p_shape.len() == 1 && block == 0 {
         if p_shape[0] != x_shape[a] {
-            return err(format!("per-axis parameters of length {} do not match axis {a} of {:?}", p_shape[0], x_shape));
+            return err(format!(
+                "per-axis parameters of length {} do not match axis {a} of {:?}",
+                p_shape[0], x_shape
+            ));
         }
         return Ok((0..n).map(|f| (f / xst[a]) % x_shape[a]).collect());
     }
     if p_shape.len() != r || block == 0 {
-        return err(format!("scale shape {p_shape:?} does not fit input {x_shape:?} (block_size {block})"));
+        return err(format!(
+            "scale shape {p_shape:?} does not fit input {x_shape:?} (block_size {block})"
+        ));
     }
     for d in 0..r {
-        let want = if d == a { x_shape[d].div_ceil(block) } else { x_shape[d] };
+        let want = if d == a {
+            x_shape[d].div_ceil(block)
+        } else {
+            x_shape[d]
+        };
         if p_shape[d] != want {
             return err(format!("blocked scale shape {p_shape:?} does not fit input {x_shape:?} with block_size {block}"));
         }
@@ -53,15 +62,22 @@ pub fn dequantize_linear(ins: &[Option<&Tensor>], ax: i64, block: usize) -> KRes
     let zp = opt_input(ins, 2);
     if let Some(z) = zp {
         if z.dtype() != x.dtype() {
-            return err(format!("zero point type {} differs from input type {}", z.dtype(), x.dtype()));
+            return err(format!(
+                "zero point type {} differs from input type {}",
+                z.dtype(),
+                x.dtype()
+            ));
         }
     }
     let idx = param_index(&x.shape, &scale.shape, ax, block)?;
     let xv = x.to_i64_vec();
     let sv = floats_of(scale)?;
     let zv = zp.map(|z| z.to_i64_vec());
-    let out: Vec<f64> =
-        xv.iter().zip(&idx).map(|(&q, &i)| (q - zv.as_ref().map(|z| z[i]).unwrap_or(0)) as f64 * sv[i]).collect();
+    let out: Vec<f64> = xv
+        .iter()
+        .zip(&idx)
+        .map(|(&q, &i)| (q - zv.as_ref().map(|z| z[i]).unwrap_or(0)) as f64 * sv[i])
+        .collect();
     Ok(float_tensor(scale.dtype(), x.shape.clone(), out))
 }
 
@@ -78,7 +94,13 @@ fn qrange(dt: DType) -> KResult<(f64, f64)> {
     })
 }
 
-pub fn quantize_linear(ins: &[Option<&Tensor>], ax: i64, block: usize, _saturate: bool, out_dt: Option<DType>) -> KResult<Tensor> {
+pub fn quantize_linear(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    block: usize,
+    _saturate: bool,
+    out_dt: Option<DType>,
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let scale = input(ins, 1)?;
     let zp = opt_input(ins, 2);
@@ -90,7 +112,11 @@ pub fn quantize_linear(ins: &[Option<&Tensor>], ax: i64, block: usize, _saturate
     let zv = zp.map(|z| z.to_f64_vec());
     let out = xv.iter().zip(&idx).map(|(&v, &i)| {
         // The division happens in the input precision, as the reference does.
-        let q = if x.dtype() == DType::F32 { (v as f32 / sv[i] as f32) as f64 } else { v / sv[i] };
+        let q = if x.dtype() == DType::F32 {
+            (v as f32 / sv[i] as f32) as f64
+        } else {
+            v / sv[i]
+        };
         (q.round_ties_even() + zv.as_ref().map(|z| z[i]).unwrap_or(0.0)).clamp(lo, hi)
     });
     Ok(Tensor::new(x.shape.clone(), TensorData::from_f64s(dt, out)))
@@ -101,15 +127,35 @@ pub fn dynamic_quantize_linear(x: &Tensor) -> KResult<Vec<Tensor>> {
     let mx = v.iter().copied().fold(0f32, f32::max);
     let mn = v.iter().copied().fold(0f32, f32::min);
     let scale = (mx - mn) / 255.0;
-    let zp = if scale == 0.0 { 0.0 } else { ((0.0 - mn) / scale).round_ties_even().clamp(0.0, 255.0) };
+    let zp = if scale == 0.0 {
+        0.0
+    } else {
+        ((0.0 - mn) / scale).round_ties_even().clamp(0.0, 255.0)
+    };
     let q: Vec<u8> = v
         .iter()
-        .map(|&f| if scale == 0.0 { zp as u8 } else { ((f / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8 })
+        .map(|&f| {
+            if scale == 0.0 {
+                zp as u8
+            } else {
+                ((f / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8
+            }
+        })
         .collect();
-    Ok(vec![Tensor::from_vec(x.shape.clone(), q), Tensor::scalar(scale), Tensor::scalar(zp as u8)])
+    Ok(vec![
+        Tensor::from_vec(x.shape.clone(), q),
+        Tensor::scalar(scale),
+        Tensor::scalar(zp as u8),
+    ])
 }
 
-pub fn matmul_nbits(ins: &[Option<&Tensor>], k: usize, n: usize, bits: usize, block: usize) -> KResult<Tensor> {
+pub fn matmul_nbits(
+    ins: &[Option<&Tensor>],
+    k: usize,
+    n: usize,
+    bits: usize,
+    block: usize,
+) -> KResult<Tensor> {
     let a = input(ins, 0)?;
     let b = input(ins, 1)?;
     let scales = floats_of(input(ins, 2)?)?;
@@ -121,15 +167,26 @@ pub fn matmul_nbits(ins: &[Option<&Tensor>], k: usize, n: usize, bits: usize, bl
     if block < 16 || !block.is_power_of_two() || k == 0 || n == 0 {
         return err(format!("MatMulNBits needs K, N > 0 and a power-of-two block_size >= 16, got K={k} N={n} block={block}"));
     }
-    let kdim = *a.shape.last().ok_or_else(|| KernelError("A must have rank >= 1".into()))?;
+    let kdim = *a
+        .shape
+        .last()
+        .ok_or_else(|| KernelError("A must have rank >= 1".into()))?;
     if kdim != k {
         return err(format!("A's last dim {kdim} differs from K={k}"));
     }
-    let TensorData::U8(bq) = &b.data else { return err("MatMulNBits B must be uint8") };
+    let TensorData::U8(bq) = &b.data else {
+        return err("MatMulNBits B must be uint8");
+    };
     let nblk = k.div_ceil(block);
     let blob = block * bits / 8;
     if bq.len() != n * nblk * blob || scales.len() != n * nblk {
-        return err(format!("MatMulNBits B has {} bytes and {} scales; expected {} and {}", bq.len(), scales.len(), n * nblk * blob, n * nblk));
+        return err(format!(
+            "MatMulNBits B has {} bytes and {} scales; expected {} and {}",
+            bq.len(),
+            scales.len(),
+            n * nblk * blob,
+            n * nblk
+        ));
     }
     let default_zp = (1u32 << (bits - 1)) as f64;
     let zp_at: Box<dyn Fn(usize, usize) -> f64> = match zp {

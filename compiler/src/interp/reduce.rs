@@ -9,26 +9,50 @@ use crate::tensor::{Tensor, TensorData};
 
 /// Normalised, sorted, de-duplicated reduction axes.
 fn norm_axes(axes: &[i64], rank: usize) -> KResult<Vec<usize>> {
-    let mut v: Vec<usize> = axes.iter().map(|&a| axis(a, rank)).collect::<KResult<_>>()?;
+    let mut v: Vec<usize> = axes
+        .iter()
+        .map(|&a| axis(a, rank))
+        .collect::<KResult<_>>()?;
     v.sort();
     v.dedup();
     Ok(v)
 }
 
-pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64]>, keepdims: bool, noop: bool) -> KResult<Tensor> {
+pub fn reduce(
+    kind: ReduceKind,
+    ins: &[Option<&Tensor>],
+    attr_axes: Option<&[i64]>,
+    keepdims: bool,
+    noop: bool,
+) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let axes: Vec<i64> = match attr_axes {
         Some(a) => a.to_vec(),
-        None => opt_input(ins, 1).map(ints_of).transpose()?.unwrap_or_default(),
+        None => opt_input(ins, 1)
+            .map(ints_of)
+            .transpose()?
+            .unwrap_or_default(),
     };
     if axes.is_empty() && noop {
         return Ok(x.clone());
     }
     let rank = x.rank();
-    let red: Vec<usize> = if axes.is_empty() { (0..rank).collect() } else { norm_axes(&axes, rank)? };
-    let keep_shape: Vec<usize> = (0..rank).map(|d| if red.contains(&d) { 1 } else { x.shape[d] }).collect();
-    let out_shape: Vec<usize> =
-        if keepdims { keep_shape.clone() } else { (0..rank).filter(|d| !red.contains(d)).map(|d| x.shape[d]).collect() };
+    let red: Vec<usize> = if axes.is_empty() {
+        (0..rank).collect()
+    } else {
+        norm_axes(&axes, rank)?
+    };
+    let keep_shape: Vec<usize> = (0..rank)
+        .map(|d| if red.contains(&d) { 1 } else { x.shape[d] })
+        .collect();
+    let out_shape: Vec<usize> = if keepdims {
+        keep_shape.clone()
+    } else {
+        (0..rank)
+            .filter(|d| !red.contains(d))
+            .map(|d| x.shape[d])
+            .collect()
+    };
     let n_out: usize = keep_shape.iter().product();
     let oi = broadcast_index(&keep_shape, &x.shape); // for each input element, its output slot
     let count: usize = red.iter().map(|&d| x.shape[d]).product();
@@ -54,7 +78,17 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
             for (i, &o) in in_to_out.iter().enumerate() {
                 acc[o] += (v[i] - mx[o]).exp();
             }
-            let r: Vec<f64> = acc.iter().zip(&mx).map(|(&s, &m)| if m.is_infinite() { m.min(s.ln()) } else { m + s.ln() }).collect();
+            let r: Vec<f64> = acc
+                .iter()
+                .zip(&mx)
+                .map(|(&s, &m)| {
+                    if m.is_infinite() {
+                        m.min(s.ln())
+                    } else {
+                        m + s.ln()
+                    }
+                })
+                .collect();
             return Ok(float_tensor(dtype, out_shape, r));
         }
         for (i, &o) in in_to_out.iter().enumerate() {
@@ -62,8 +96,20 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
             let a = &mut acc[o];
             match kind {
                 ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => *a += e,
-                ReduceKind::Max => *a = if e.is_nan() || a.is_nan() { f64::NAN } else { a.max(e) },
-                ReduceKind::Min => *a = if e.is_nan() || a.is_nan() { f64::NAN } else { a.min(e) },
+                ReduceKind::Max => {
+                    *a = if e.is_nan() || a.is_nan() {
+                        f64::NAN
+                    } else {
+                        a.max(e)
+                    }
+                }
+                ReduceKind::Min => {
+                    *a = if e.is_nan() || a.is_nan() {
+                        f64::NAN
+                    } else {
+                        a.min(e)
+                    }
+                }
                 ReduceKind::Prod => *a *= e,
                 ReduceKind::L1 => *a += e.abs(),
                 ReduceKind::L2 | ReduceKind::SumSquare => *a += e * e,
@@ -89,7 +135,11 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
         let mut acc = vec![kind == ReduceKind::Min && count > 0; n_out];
         if count > 0 {
             for (i, &o) in in_to_out.iter().enumerate() {
-                acc[o] = if kind == ReduceKind::Max { acc[o] || v[i] != 0 } else { acc[o] && v[i] != 0 };
+                acc[o] = if kind == ReduceKind::Max {
+                    acc[o] || v[i] != 0
+                } else {
+                    acc[o] && v[i] != 0
+                };
             }
         }
         return Ok(Tensor::from_vec(out_shape, acc));
@@ -131,7 +181,10 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
             sq[o] += v[i] * v[i];
         }
         let r: Vec<f64> = sq.iter().map(|&s| (s as f64).sqrt().trunc()).collect();
-        return Ok(Tensor::new(out_shape, retag(TensorData::from_f64s(dtype, r.into_iter()), dtype)));
+        return Ok(Tensor::new(
+            out_shape,
+            retag(TensorData::from_f64s(dtype, r.into_iter()), dtype),
+        ));
     }
     if dtype == DType::I64 || dtype == DType::U64 {
         let data = match dtype {
@@ -140,7 +193,10 @@ pub fn reduce(kind: ReduceKind, ins: &[Option<&Tensor>], attr_axes: Option<&[i64
         };
         return Ok(Tensor::new(out_shape, data));
     }
-    Ok(Tensor::new(out_shape, retag(TensorData::from_f64s(dtype, out.into_iter()), dtype)))
+    Ok(Tensor::new(
+        out_shape,
+        retag(TensorData::from_f64s(dtype, out.into_iter()), dtype),
+    ))
 }
 
 fn int_range(dt: DType) -> (i64, i64) {
@@ -163,7 +219,9 @@ pub fn in_to_out_index(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     let n: usize = in_shape.iter().product();
     let rank = in_shape.len();
     let ost = crate::tensor::strides(out_shape);
-    let st: Vec<usize> = (0..rank).map(|d| if out_shape[d] == 1 { 0 } else { ost[d] }).collect();
+    let st: Vec<usize> = (0..rank)
+        .map(|d| if out_shape[d] == 1 { 0 } else { ost[d] })
+        .collect();
     let mut idx = Vec::with_capacity(n);
     let mut counter = vec![0usize; rank];
     let mut cur = 0usize;
@@ -196,7 +254,11 @@ pub fn arg_reduce(x: &Tensor, max: bool, ax: i64, keepdims: bool, last: bool) ->
             let mut bv = v[o * len * inner + i];
             for k in 1..len {
                 let e = v[(o * len + k) * inner + i];
-                let better = if max { e > bv || (last && e == bv) } else { e < bv || (last && e == bv) };
+                let better = if max {
+                    e > bv || (last && e == bv)
+                } else {
+                    e < bv || (last && e == bv)
+                };
                 if better {
                     best = k;
                     bv = e;
@@ -245,7 +307,11 @@ pub fn softmax(x: &Tensor, kind: SoftmaxKind, ax: i64, coerce_2d: bool) -> KResu
                         s += (v[at(k)] - m).exp();
                     }
                     for k in 0..len {
-                        out[at(k)] = if kind == SoftmaxKind::Softmax { (v[at(k)] - m).exp() / s } else { v[at(k)] - m - s.ln() };
+                        out[at(k)] = if kind == SoftmaxKind::Softmax {
+                            (v[at(k)] - m).exp() / s
+                        } else {
+                            v[at(k)] - m - s.ln()
+                        };
                     }
                 }
             }
@@ -256,7 +322,9 @@ pub fn softmax(x: &Tensor, kind: SoftmaxKind, ax: i64, coerce_2d: bool) -> KResu
 
 pub fn cumsum(x: &Tensor, axis_t: &Tensor, exclusive: bool, reverse: bool) -> KResult<Tensor> {
     let ax = ints_of(axis_t)?;
-    let Some(&ax) = ax.first() else { return err("CumSum axis must be a scalar") };
+    let Some(&ax) = ax.first() else {
+        return err("CumSum axis must be a scalar");
+    };
     let a = axis(ax, x.rank())?;
     let (outer, len, inner) = split_at_axis(&x.shape, a);
     let float = x.dtype().is_float();
@@ -300,14 +368,21 @@ pub fn cumsum(x: &Tensor, axis_t: &Tensor, exclusive: bool, reverse: bool) -> KR
     Ok(Tensor::new(x.shape.clone(), data))
 }
 
-pub fn topk(ins: &[Option<&Tensor>], ax: i64, largest: bool, sorted: bool, k_attr: Option<i64>) -> KResult<Vec<Tensor>> {
+pub fn topk(
+    ins: &[Option<&Tensor>],
+    ax: i64,
+    largest: bool,
+    sorted: bool,
+    k_attr: Option<i64>,
+) -> KResult<Vec<Tensor>> {
     let _ = sorted;
     let x = input(ins, 0)?;
     let k = match k_attr {
         Some(k) => k,
         None => {
             let kt = ints_of(input(ins, 1)?)?;
-            *kt.first().ok_or_else(|| KernelError("TopK k must have one element".into()))?
+            *kt.first()
+                .ok_or_else(|| KernelError("TopK k must have one element".into()))?
         }
     };
     let a = axis(ax, x.rank())?;
@@ -325,7 +400,11 @@ pub fn topk(ins: &[Option<&Tensor>], ax: i64, largest: bool, sorted: bool, k_att
             let mut order: Vec<usize> = (0..len).collect();
             order.sort_by(|&p, &q| {
                 let (vp, vq) = (v[(o * len + p) * inner + i], v[(o * len + q) * inner + i]);
-                let c = if largest { vq.partial_cmp(&vp) } else { vp.partial_cmp(&vq) };
+                let c = if largest {
+                    vq.partial_cmp(&vp)
+                } else {
+                    vp.partial_cmp(&vq)
+                };
                 c.unwrap_or(std::cmp::Ordering::Equal).then(p.cmp(&q))
             });
             for (j, &p) in order.iter().take(k).enumerate() {
@@ -344,5 +423,8 @@ pub fn topk(ins: &[Option<&Tensor>], ax: i64, largest: bool, sorted: bool, k_att
     }
     let mut shape = x.shape.clone();
     shape[a] = k;
-    Ok(vec![Tensor::new(shape.clone(), x.data.gather(&src)), Tensor::from_vec(shape, idx_out)])
+    Ok(vec![
+        Tensor::new(shape.clone(), x.data.gather(&src)),
+        Tensor::from_vec(shape, idx_out),
+    ])
 }

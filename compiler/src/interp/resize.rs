@@ -2,7 +2,9 @@
 //! coordinate transformation mode, applied one axis at a time (all three modes are separable).
 
 use super::util::*;
-use crate::ir::{CoordinateTransform as CT, KeepAspectRatio, NearestRounding, ResizeAttrs, ResizeMode};
+use crate::ir::{
+    CoordinateTransform as CT, KeepAspectRatio, NearestRounding, ResizeAttrs, ResizeMode,
+};
 use crate::tensor::Tensor;
 
 pub fn resize(ins: &[Option<&Tensor>], a: &ResizeAttrs) -> KResult<Tensor> {
@@ -15,16 +17,30 @@ pub fn resize(ins: &[Option<&Tensor>], a: &ResizeAttrs) -> KResult<Tensor> {
         Some(ax) => ax.iter().map(|&v| axis(v, r)).collect::<KResult<_>>()?,
         None => (0..r).collect(),
     };
-    let roi = if a.scales_input == 2 { opt_input(ins, 1).map(|t| t.to_f64_vec()).filter(|v| !v.is_empty()) } else { None };
+    let roi = if a.scales_input == 2 {
+        opt_input(ins, 1)
+            .map(|t| t.to_f64_vec())
+            .filter(|v| !v.is_empty())
+    } else {
+        None
+    };
     let scales_t = opt_input(ins, a.scales_input).filter(|t| t.numel() > 0);
-    let sizes_t = if a.scales_input == 2 { opt_input(ins, 3).filter(|t| t.numel() > 0) } else { None };
+    let sizes_t = if a.scales_input == 2 {
+        opt_input(ins, 3).filter(|t| t.numel() > 0)
+    } else {
+        None
+    };
     let mut scales = vec![1f64; r];
     let mut out_shape = x.shape.clone();
     match (scales_t, sizes_t) {
         (Some(s), None) => {
             let sv = floats_of(s)?;
             if sv.len() != axes.len() {
-                return err(format!("Resize scales has {} entries for {} axes", sv.len(), axes.len()));
+                return err(format!(
+                    "Resize scales has {} entries for {} axes",
+                    sv.len(),
+                    axes.len()
+                ));
             }
             for (i, &ax) in axes.iter().enumerate() {
                 scales[ax] = sv[i];
@@ -34,9 +50,17 @@ pub fn resize(ins: &[Option<&Tensor>], a: &ResizeAttrs) -> KResult<Tensor> {
         (None, Some(s)) => {
             let sv = ints_of(s)?;
             if sv.len() != axes.len() {
-                return err(format!("Resize sizes has {} entries for {} axes", sv.len(), axes.len()));
+                return err(format!(
+                    "Resize sizes has {} entries for {} axes",
+                    sv.len(),
+                    axes.len()
+                ));
             }
-            let ratios: Vec<f64> = axes.iter().zip(&sv).map(|(&ax, &sz)| sz as f64 / x.shape[ax] as f64).collect();
+            let ratios: Vec<f64> = axes
+                .iter()
+                .zip(&sv)
+                .map(|(&ax, &sz)| sz as f64 / x.shape[ax] as f64)
+                .collect();
             let pick = match a.keep_aspect_ratio {
                 KeepAspectRatio::Stretch => None,
                 KeepAspectRatio::NotLarger => ratios.iter().copied().reduce(f64::min),
@@ -70,16 +94,29 @@ pub fn resize(ins: &[Option<&Tensor>], a: &ResizeAttrs) -> KResult<Tensor> {
     let mut cur = x.to_f64_vec();
     let mut shape = x.shape.clone();
     for d in 0..r {
-        if out_shape[d] == shape[d] && scales[d] == 1.0 && a.coordinate_transform != CT::TfCropAndResize {
+        if out_shape[d] == shape[d]
+            && scales[d] == 1.0
+            && a.coordinate_transform != CT::TfCropAndResize
+        {
             continue;
         }
         cur = resize_axis(&cur, &shape, d, out_shape[d], scales[d], roi_full[d], a)?;
         shape[d] = out_shape[d];
     }
-    Ok(Tensor::new(shape, crate::tensor::TensorData::from_f64s(x.dtype(), cur.into_iter())))
+    Ok(Tensor::new(
+        shape,
+        crate::tensor::TensorData::from_f64s(x.dtype(), cur.into_iter()),
+    ))
 }
 
-fn original_coord(a: &ResizeAttrs, xr: f64, scale: f64, in_len: usize, out_len: usize, roi: (f64, f64)) -> f64 {
+fn original_coord(
+    a: &ResizeAttrs,
+    xr: f64,
+    scale: f64,
+    in_len: usize,
+    out_len: usize,
+    roi: (f64, f64),
+) -> f64 {
     // The resized length in these formulas is `in * scale` before flooring (as in the ONNX
     // reference), except for half_pixel_symmetric, which uses the integer output length.
     let li = in_len as f64;
@@ -130,7 +167,15 @@ fn cubic_weights(t: f64, a: f64) -> [f64; 4] {
     [w(t + 1.0), w(t), w(1.0 - t), w(2.0 - t)]
 }
 
-fn resize_axis(v: &[f64], shape: &[usize], d: usize, out_len: usize, scale: f64, roi: (f64, f64), a: &ResizeAttrs) -> KResult<Vec<f64>> {
+fn resize_axis(
+    v: &[f64],
+    shape: &[usize],
+    d: usize,
+    out_len: usize,
+    scale: f64,
+    roi: (f64, f64),
+    a: &ResizeAttrs,
+) -> KResult<Vec<f64>> {
     let (outer, in_len, inner) = split_at_axis(shape, d);
     if in_len == 0 {
         return err("Resize of an empty axis");
@@ -203,7 +248,10 @@ fn resize_axis(v: &[f64], shape: &[usize], d: usize, out_len: usize, scale: f64,
             for i in 0..inner {
                 out[(o * out_len + k) * inner + i] = match tap {
                     None => a.extrapolation_value as f64,
-                    Some(t) => t.iter().map(|&(j, w)| w * v[(o * in_len + j) * inner + i]).sum(),
+                    Some(t) => t
+                        .iter()
+                        .map(|&(j, w)| w * v[(o * in_len + j) * inner + i])
+                        .sum(),
                 };
             }
         }

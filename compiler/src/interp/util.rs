@@ -107,7 +107,10 @@ pub fn broadcast_index(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
 pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     let outer: usize = shape[..axis].iter().product();
     let len = shape.get(axis).copied().unwrap_or(1);
-    let inner: usize = shape.get(axis + 1..).map(|s| s.iter().product()).unwrap_or(1);
+    let inner: usize = shape
+        .get(axis + 1..)
+        .map(|s| s.iter().product())
+        .unwrap_or(1);
     (outer, len, inner)
 }
 
@@ -121,5 +124,8 @@ pub fn floats_of(t: &Tensor) -> KResult<Vec<f64>> {
 
 /// A float tensor of `dtype` from f64 values.
 pub fn float_tensor(dtype: crate::dtype::DType, shape: Vec<usize>, v: Vec<f64>) -> Tensor {
-    Tensor::new(shape, crate::tensor::TensorData::from_f64s(dtype, v.into_iter()))
+    Tensor::new(
+        shape,
+        crate::tensor::TensorData::from_f64s(dtype, v.into_iter()),
+    )
 }

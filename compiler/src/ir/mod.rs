@@ -46,12 +46,25 @@ pub struct ValueType {
 
 impl ValueType {
     pub fn fixed(dtype: DType, shape: &[usize]) -> ValueType {
-        ValueType { dtype: Some(dtype), shape: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()) }
+        ValueType {
+            dtype: Some(dtype),
+            shape: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
+        }
     }
 
     /// The shape if every dimension is fixed.
     pub fn static_shape(&self) -> Option<Vec<usize>> {
-        self.shape.as_ref()?.iter().map(|d| if let Dim::Fixed(n) = d { Some(*n) } else { None }).collect()
+        self.shape
+            .as_ref()?
+            .iter()
+            .map(|d| {
+                if let Dim::Fixed(n) = d {
+                    Some(*n)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 }
 
@@ -66,7 +79,11 @@ pub struct Constant {
 
 impl Constant {
     pub fn from_tensor(t: &Tensor) -> Constant {
-        Constant { dtype: t.dtype(), shape: t.shape.clone(), bytes: Bytes::from(t.to_le_bytes()) }
+        Constant {
+            dtype: t.dtype(),
+            shape: t.shape.clone(),
+            bytes: Bytes::from(t.to_le_bytes()),
+        }
     }
 
     /// Decodes into a host tensor (one copy). The byte length was checked at construction.
@@ -137,7 +154,11 @@ impl Graph {
 
     pub fn add_value(&mut self, name: impl Into<String>, ty: ValueType, def: ValueDef) -> ValueId {
         let id = ValueId(self.values.len() as u32);
-        self.values.push(Value { name: name.into(), ty, def });
+        self.values.push(Value {
+            name: name.into(),
+            ty,
+            def,
+        });
         id
     }
 
@@ -223,12 +244,18 @@ impl Graph {
         for n in self.nodes.node_indices() {
             indegree.insert(n, self.nodes.edges_directed(n, Direction::Incoming).count());
         }
-        let mut ready: BTreeSet<NodeId> = indegree.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| n).collect();
+        let mut ready: BTreeSet<NodeId> = indegree
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| n)
+            .collect();
         let mut order = Vec::with_capacity(indegree.len());
         while let Some(n) = ready.pop_first() {
             order.push(n);
             for e in self.nodes.edges_directed(n, Direction::Outgoing) {
-                let d = indegree.get_mut(&e.target()).expect("edge target is a node");
+                let d = indegree
+                    .get_mut(&e.target())
+                    .expect("edge target is a node");
                 *d -= 1;
                 if *d == 0 {
                     ready.insert(e.target());

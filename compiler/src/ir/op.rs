@@ -41,16 +41,40 @@ pub enum UnaryOp {
     Not,
     BitwiseNot,
     IsNaN,
-    IsInf { detect_negative: bool, detect_positive: bool },
-    LeakyRelu { alpha: f32 },
-    Elu { alpha: f32 },
-    Selu { alpha: f32, gamma: f32 },
-    Celu { alpha: f32 },
-    ThresholdedRelu { alpha: f32 },
-    HardSigmoid { alpha: f32, beta: f32 },
-    Gelu { tanh_approximation: bool },
-    Shrink { bias: f32, lambd: f32 },
-    Swish { alpha: f32 },
+    IsInf {
+        detect_negative: bool,
+        detect_positive: bool,
+    },
+    LeakyRelu {
+        alpha: f32,
+    },
+    Elu {
+        alpha: f32,
+    },
+    Selu {
+        alpha: f32,
+        gamma: f32,
+    },
+    Celu {
+        alpha: f32,
+    },
+    ThresholdedRelu {
+        alpha: f32,
+    },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    Gelu {
+        tanh_approximation: bool,
+    },
+    Shrink {
+        bias: f32,
+        lambd: f32,
+    },
+    Swish {
+        alpha: f32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +85,9 @@ pub enum BinaryOp {
     Div,
     Pow,
     /// `Mod` with `fmod=0` (sign of the divisor, integers only per spec) or `fmod=1` (C fmod).
-    Mod { fmod: bool },
+    Mod {
+        fmod: bool,
+    },
     Equal,
     Less,
     LessOrEqual,
@@ -234,70 +260,193 @@ pub enum Op {
     Variadic(VariadicOp),
     Where,
     /// Opset < 11 bounds are attributes; from 11 they are optional inputs 1 and 2.
-    Clip { min: Option<f32>, max: Option<f32> },
-    Cast { to: DType, saturate: bool },
-    CastLike { saturate: bool },
+    Clip {
+        min: Option<f32>,
+        max: Option<f32>,
+    },
+    Cast {
+        to: DType,
+        saturate: bool,
+    },
+    CastLike {
+        saturate: bool,
+    },
     Identity,
     /// Inference-mode Dropout: copies its input; the optional mask output is all true.
     Dropout,
     // ---- reductions and scans
-    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool, noop_with_empty_axes: bool },
-    ArgReduce { max: bool, axis: i64, keepdims: bool, select_last_index: bool },
+    Reduce {
+        kind: ReduceKind,
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+        noop_with_empty_axes: bool,
+    },
+    ArgReduce {
+        max: bool,
+        axis: i64,
+        keepdims: bool,
+        select_last_index: bool,
+    },
     /// `coerce_2d`: opset < 13 semantics (flatten to 2-D at `axis`).
-    Softmax { kind: SoftmaxKind, axis: i64, coerce_2d: bool },
-    CumSum { exclusive: bool, reverse: bool },
-    TopK { axis: i64, largest: bool, sorted: bool, k: Option<i64> },
+    Softmax {
+        kind: SoftmaxKind,
+        axis: i64,
+        coerce_2d: bool,
+    },
+    CumSum {
+        exclusive: bool,
+        reverse: bool,
+    },
+    TopK {
+        axis: i64,
+        largest: bool,
+        sorted: bool,
+        k: Option<i64>,
+    },
     // ---- linear algebra and convolution
     MatMul,
-    Gemm { alpha: f32, beta: f32, trans_a: bool, trans_b: bool },
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
     MatMulInteger,
     /// com.microsoft MatMulNBits: B is packed `bits`-bit [N, K/block, block*bits/8].
-    MatMulNBits { k: usize, n: usize, bits: usize, block_size: usize },
+    MatMulNBits {
+        k: usize,
+        n: usize,
+        bits: usize,
+        block_size: usize,
+    },
     Conv(ConvAttrs),
-    ConvTranspose { conv: ConvAttrs, output_padding: Vec<usize>, output_shape: Vec<usize> },
+    ConvTranspose {
+        conv: ConvAttrs,
+        output_padding: Vec<usize>,
+        output_shape: Vec<usize>,
+    },
     Pool(PoolAttrs),
     GlobalPool(PoolKind),
     // ---- normalization
-    BatchNorm { epsilon: f32 },
-    LayerNorm { axis: i64, epsilon: f32 },
-    RmsNorm { axis: i64, epsilon: f32 },
-    InstanceNorm { epsilon: f32 },
-    GroupNorm { epsilon: f32, num_groups: usize },
-    LpNorm { axis: i64, p: i64 },
+    BatchNorm {
+        epsilon: f32,
+    },
+    LayerNorm {
+        axis: i64,
+        epsilon: f32,
+    },
+    RmsNorm {
+        axis: i64,
+        epsilon: f32,
+    },
+    InstanceNorm {
+        epsilon: f32,
+    },
+    GroupNorm {
+        epsilon: f32,
+        num_groups: usize,
+    },
+    LpNorm {
+        axis: i64,
+        p: i64,
+    },
     // ---- shapes and data movement
-    Reshape { allowzero: bool },
-    Transpose { perm: Option<Vec<i64>> },
-    Concat { axis: i64 },
-    Split { axis: i64, split: Option<Vec<i64>>, num_outputs: Option<usize> },
+    Reshape {
+        allowzero: bool,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Concat {
+        axis: i64,
+    },
+    Split {
+        axis: i64,
+        split: Option<Vec<i64>>,
+        num_outputs: Option<usize>,
+    },
     /// Opset < 10 bounds are attributes (`starts`, `ends`, `axes`).
-    Slice { attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)> },
-    Gather { axis: i64 },
-    GatherElements { axis: i64 },
-    GatherND { batch_dims: usize },
-    ScatterElements { axis: i64, reduction: ScatterReduction },
-    ScatterND { reduction: ScatterReduction },
+    Slice {
+        attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+    },
+    Gather {
+        axis: i64,
+    },
+    GatherElements {
+        axis: i64,
+    },
+    GatherND {
+        batch_dims: usize,
+    },
+    ScatterElements {
+        axis: i64,
+        reduction: ScatterReduction,
+    },
+    ScatterND {
+        reduction: ScatterReduction,
+    },
     Expand,
-    Squeeze { axes: Option<Vec<i64>> },
-    Unsqueeze { axes: Option<Vec<i64>> },
-    Flatten { axis: i64 },
-    Shape { start: i64, end: Option<i64> },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
     Size,
-    ConstantOfShape { value: Tensor },
+    ConstantOfShape {
+        value: Tensor,
+    },
     Range,
     Tile,
-    Pad { mode: PadMode, pads: Option<Vec<i64>>, value: f32 },
+    Pad {
+        mode: PadMode,
+        pads: Option<Vec<i64>>,
+        value: f32,
+    },
     Resize(ResizeAttrs),
-    DepthToSpace { blocksize: usize, crd: bool },
-    SpaceToDepth { blocksize: usize },
-    Trilu { upper: bool },
-    OneHot { axis: i64 },
+    DepthToSpace {
+        blocksize: usize,
+        crd: bool,
+    },
+    SpaceToDepth {
+        blocksize: usize,
+    },
+    Trilu {
+        upper: bool,
+    },
+    OneHot {
+        axis: i64,
+    },
     NonZero,
-    EyeLike { dtype: Option<DType>, k: i64 },
-    Compress { axis: Option<i64> },
-    ReverseSequence { batch_axis: usize, time_axis: usize },
+    EyeLike {
+        dtype: Option<DType>,
+        k: i64,
+    },
+    Compress {
+        axis: Option<i64>,
+    },
+    ReverseSequence {
+        batch_axis: usize,
+        time_axis: usize,
+    },
     // ---- quantization
-    DequantizeLinear { axis: i64, block_size: usize },
-    QuantizeLinear { axis: i64, block_size: usize, saturate: bool, output_dtype: Option<DType> },
+    DequantizeLinear {
+        axis: i64,
+        block_size: usize,
+    },
+    QuantizeLinear {
+        axis: i64,
+        block_size: usize,
+        saturate: bool,
+        output_dtype: Option<DType>,
+    },
     DynamicQuantizeLinear,
 }
 

@@ -32,7 +32,11 @@ fn value_str(g: &Graph, v: ValueId) -> String {
 /// Prints the whole graph. Fails only on a cyclic graph, which it prints as such.
 pub fn print_graph(g: &Graph) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "graph {} {{", if g.name.is_empty() { "main" } else { &g.name });
+    let _ = writeln!(
+        s,
+        "graph {} {{",
+        if g.name.is_empty() { "main" } else { &g.name }
+    );
     for &i in &g.inputs {
         let _ = writeln!(s, "  in {}", value_str(g, i));
     }
@@ -77,7 +81,11 @@ pub fn print_graph(g: &Graph) -> String {
             let _ = writeln!(s, "  <cycle through {}>", e.nodes.join(", "));
         }
     }
-    let outs: Vec<String> = g.outputs.iter().map(|&o| format!("%{}", g.value(o).name)).collect();
+    let outs: Vec<String> = g
+        .outputs
+        .iter()
+        .map(|&o| format!("%{}", g.value(o).name))
+        .collect();
     let _ = writeln!(s, "  out {}", outs.join(", "));
     s.push_str("}\n");
     s

@@ -16,10 +16,21 @@ pub enum VerifyError {
     DuplicateName(String),
     #[error("the graph has a cycle through nodes {0}")]
     Cycle(String),
-    #[error("value '{value}' claims to be output {index} of node '{node}', which does not produce it")]
-    BadDefinition { value: String, node: String, index: usize },
+    #[error(
+        "value '{value}' claims to be output {index} of node '{node}', which does not produce it"
+    )]
+    BadDefinition {
+        value: String,
+        node: String,
+        index: usize,
+    },
     #[error("constant '{name}' has {got} bytes, its type {ty} needs {want}")]
-    ConstantSize { name: String, ty: String, got: usize, want: usize },
+    ConstantSize {
+        name: String,
+        ty: String,
+        got: usize,
+        want: usize,
+    },
     #[error("the edges of node '{0}' do not match its inputs")]
     StaleEdges(String),
 }
@@ -48,12 +59,19 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         for (k, &o) in n.outputs.iter().enumerate() {
             check_name(o)?;
             if g.value(o).def != ValueDef::Node(id, k) {
-                return Err(VerifyError::BadDefinition { value: g.value(o).name.clone(), node: n.name.clone(), index: k });
+                return Err(VerifyError::BadDefinition {
+                    value: g.value(o).name.clone(),
+                    node: n.name.clone(),
+                    index: k,
+                });
             }
         }
         for &v in n.inputs.iter().flatten() {
             if !defined(v) {
-                return Err(VerifyError::UndefinedInput { node: n.name.clone(), value: g.value(v).name.clone() });
+                return Err(VerifyError::UndefinedInput {
+                    node: n.name.clone(),
+                    value: g.value(v).name.clone(),
+                });
             }
         }
         let mut want: Vec<ValueId> = n
@@ -63,8 +81,11 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             .copied()
             .filter(|&v| matches!(g.value(v).def, ValueDef::Node(..)))
             .collect();
-        let mut have: Vec<ValueId> =
-            g.nodes.edges_directed(id, petgraph::Direction::Incoming).map(|e| *e.weight()).collect();
+        let mut have: Vec<ValueId> = g
+            .nodes
+            .edges_directed(id, petgraph::Direction::Incoming)
+            .map(|e| *e.weight())
+            .collect();
         want.sort();
         have.sort();
         if want != have {
@@ -89,6 +110,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             }
         }
     }
-    g.topo_order().map_err(|e| VerifyError::Cycle(e.nodes.join(", ")))?;
+    g.topo_order()
+        .map_err(|e| VerifyError::Cycle(e.nodes.join(", ")))?;
     Ok(())
 }

@@ -28,17 +28,34 @@ pub struct UnsupportedOp {
 
 impl fmt::Display for UnsupportedOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let domain = if self.domain.is_empty() { "ai.onnx" } else { &self.domain };
+        let domain = if self.domain.is_empty() {
+            "ai.onnx"
+        } else {
+            &self.domain
+        };
         let shown: Vec<&str> = self.nodes.iter().take(5).map(|s| s.as_str()).collect();
-        let more = if self.nodes.len() > 5 { format!(" and {} more", self.nodes.len() - 5) } else { String::new() };
-        write!(f, "{domain}::{} v{} (nodes: {}{more})", self.op_type, self.version, shown.join(", "))
+        let more = if self.nodes.len() > 5 {
+            format!(" and {} more", self.nodes.len() - 5)
+        } else {
+            String::new()
+        };
+        write!(
+            f,
+            "{domain}::{} v{} (nodes: {}{more})",
+            self.op_type,
+            self.version,
+            shown.join(", ")
+        )
     }
 }
 
 #[derive(Debug, Error)]
 pub enum ImportError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not a valid ONNX model (protobuf decoding failed: {0}); is the file truncated or not ONNX?")]
     Decode(String),
     #[error("not an ONNX model: {0}")]
@@ -50,7 +67,11 @@ pub enum ImportError {
     #[error("unsupported operators: {}", .0.iter().map(|u| u.to_string()).collect::<Vec<_>>().join("; "))]
     UnsupportedOps(Vec<UnsupportedOp>),
     #[error("node '{node}' ({op}): {reason}")]
-    BadNode { node: String, op: String, reason: String },
+    BadNode {
+        node: String,
+        op: String,
+        reason: String,
+    },
     #[error("node '{node}' reads '{input}', which no node, graph input or initializer produces")]
     UndefinedInput { node: String, input: String },
     #[error("value '{0}' is defined more than once (node outputs, graph inputs and initializers must have unique names)")]
@@ -60,7 +81,11 @@ pub enum ImportError {
     #[error("the graph has a cycle through nodes: {0}")]
     Cycle(String),
     #[error("{what} '{name}' has an unsupported type: {reason}")]
-    BadType { what: &'static str, name: String, reason: String },
+    BadType {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
 }
 
 /// An imported model: the graph plus the model-level metadata `kiln inspect` shows.
@@ -74,7 +99,10 @@ pub struct Model {
 /// Reads and imports a model file. The file is memory-mapped; external data is resolved
 /// relative to its folder.
 pub fn load_model(path: &Path) -> Result<Model, ImportError> {
-    let io = |source| ImportError::Io { path: path.display().to_string(), source };
+    let io = |source| ImportError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only mapping of a file Kiln does not modify while the model is in use.
     let bytes = match unsafe { memmap2::Mmap::map(&file) } {
@@ -82,7 +110,13 @@ pub fn load_model(path: &Path) -> Result<Model, ImportError> {
         // Empty files cannot be mapped on every platform; read them instead.
         Err(_) => Bytes::from(std::fs::read(path).map_err(io)?),
     };
-    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { p.to_path_buf() });
+    let base = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".").to_path_buf()
+        } else {
+            p.to_path_buf()
+        }
+    });
     import_bytes(bytes, ExternalData::new(base))
 }
 
@@ -97,7 +131,10 @@ fn import_bytes(bytes: Bytes, mut ext: ExternalData) -> Result<Model, ImportErro
     }
     let model = ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
     let ir_version = model.ir_version.unwrap_or(0);
-    let gp = model.graph.as_ref().ok_or_else(|| ImportError::NotAModel("it has no graph".into()))?;
+    let gp = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| ImportError::NotAModel("it has no graph".into()))?;
     if ir_version <= 0 {
         return Err(ImportError::NotAModel("ir_version is missing".into()));
     }
@@ -112,14 +149,20 @@ fn import_bytes(bytes: Bytes, mut ext: ExternalData) -> Result<Model, ImportErro
         opsets.insert(String::new(), 1);
     }
     let graph = import_graph(gp, &opsets, &mut ext)?;
-    Ok(Model { graph, ir_version, producer: model.producer_name.clone().unwrap_or_default() })
+    Ok(Model {
+        graph,
+        ir_version,
+        producer: model.producer_name.clone().unwrap_or_default(),
+    })
 }
 
 fn value_type(what: &'static str, vi: &proto::ValueInfoProto) -> Result<ValueType, ImportError> {
     use proto::tensor_shape_proto::dimension::Value as D;
     use proto::type_proto::Value as T;
     let name = vi.name.clone().unwrap_or_default();
-    let Some(tp) = vi.r#type.as_ref() else { return Ok(ValueType::default()) };
+    let Some(tp) = vi.r#type.as_ref() else {
+        return Ok(ValueType::default());
+    };
     match &tp.value {
         Some(T::TensorType(t)) => {
             let code = t.elem_type.unwrap_or(0);
@@ -145,7 +188,11 @@ fn value_type(what: &'static str, vi: &proto::ValueInfoProto) -> Result<ValueTyp
             Ok(ValueType { dtype, shape })
         }
         None => Ok(ValueType::default()),
-        Some(_) => Err(ImportError::BadType { what, name, reason: "only tensor values are supported (not sequences, maps or optionals)".into() }),
+        Some(_) => Err(ImportError::BadType {
+            what,
+            name,
+            reason: "only tensor values are supported (not sequences, maps or optionals)".into(),
+        }),
     }
 }
 
@@ -154,11 +201,18 @@ fn import_graph(
     opsets: &BTreeMap<String, i64>,
     ext: &mut ExternalData,
 ) -> Result<Graph, ImportError> {
-    let mut g = Graph { name: gp.name.clone().unwrap_or_default(), ..Default::default() };
+    let mut g = Graph {
+        name: gp.name.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     g.opsets = opsets.iter().map(|(d, v)| (d.clone(), *v)).collect();
     let mut by_name: HashMap<String, ValueId> = HashMap::new();
 
-    let define = |g: &mut Graph, by_name: &mut HashMap<String, ValueId>, name: &str, ty: ValueType, def: ValueDef| {
+    let define = |g: &mut Graph,
+                  by_name: &mut HashMap<String, ValueId>,
+                  name: &str,
+                  ty: ValueType,
+                  def: ValueDef| {
         if by_name.contains_key(name) {
             return Err(ImportError::DuplicateDefinition(name.to_string()));
         }
@@ -171,10 +225,19 @@ fn import_graph(
     for t in &gp.initializer {
         let c = constant_from_proto(t, ext)?;
         let name = t.name.clone().unwrap_or_default();
-        define(&mut g, &mut by_name, &name, ValueType::fixed(c.dtype, &c.shape), ValueDef::Const(c))?;
+        define(
+            &mut g,
+            &mut by_name,
+            &name,
+            ValueType::fixed(c.dtype, &c.shape),
+            ValueDef::Const(c),
+        )?;
     }
     if !gp.sparse_initializer.is_empty() {
-        return Err(ImportError::BadTensor { name: "sparse_initializer".into(), reason: "sparse initializers are not supported".into() });
+        return Err(ImportError::BadTensor {
+            name: "sparse_initializer".into(),
+            reason: "sparse initializers are not supported".into(),
+        });
     }
     for vi in &gp.input {
         let name = vi.name.clone().unwrap_or_default();
@@ -200,8 +263,16 @@ fn import_graph(
     for (i, n) in gp.node.iter().enumerate() {
         let op_type = n.op_type.clone().unwrap_or_default();
         let domain = n.domain.clone().unwrap_or_default();
-        let domain = if domain == "ai.onnx" { String::new() } else { domain };
-        let mut name = n.name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{op_type}_{i}"));
+        let domain = if domain == "ai.onnx" {
+            String::new()
+        } else {
+            domain
+        };
+        let mut name = n
+            .name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("{op_type}_{i}"));
         let count = node_names.entry(name.clone()).or_insert(0);
         *count += 1;
         if *count > 1 {
@@ -209,7 +280,10 @@ fn import_graph(
         }
         let version = opsets.get(&domain).copied();
         let attrs = ops::Attrs::new(n);
-        let has_subgraph = n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty());
+        let has_subgraph = n
+            .attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty());
         let parsed_op = match version {
             None => Err(ops::OpError::Unsupported),
             Some(_) if has_subgraph => Err(ops::OpError::Unsupported),
@@ -218,7 +292,12 @@ fn import_graph(
                 let _ = v;
                 ParsedKind::Constant(t)
             }),
-            Some(_) if op_type == "Dropout" && domain.is_empty() && n.input.len() > 2 && !n.input[2].is_empty() => {
+            Some(_)
+                if op_type == "Dropout"
+                    && domain.is_empty()
+                    && n.input.len() > 2
+                    && !n.input[2].is_empty() =>
+            {
                 // Training-mode Dropout draws random masks; Kiln implements inference only.
                 Err(ops::OpError::Unsupported)
             }
@@ -227,10 +306,17 @@ fn import_graph(
         match parsed_op {
             Ok(k) => parsed.push((name, n, k)),
             Err(ops::OpError::Unsupported) => {
-                unsupported.entry((domain, op_type, version.unwrap_or(0))).or_default().push(name);
+                unsupported
+                    .entry((domain, op_type, version.unwrap_or(0)))
+                    .or_default()
+                    .push(name);
             }
             Err(ops::OpError::BadAttribute(reason)) => {
-                return Err(ImportError::BadNode { node: name, op: op_type, reason });
+                return Err(ImportError::BadNode {
+                    node: name,
+                    op: op_type,
+                    reason,
+                });
             }
         }
     }
@@ -238,7 +324,12 @@ fn import_graph(
         return Err(ImportError::UnsupportedOps(
             unsupported
                 .into_iter()
-                .map(|((domain, op_type, version), nodes)| UnsupportedOp { domain, op_type, version, nodes })
+                .map(|((domain, op_type, version), nodes)| UnsupportedOp {
+                    domain,
+                    op_type,
+                    version,
+                    nodes,
+                })
                 .collect(),
         ));
     }
@@ -279,14 +370,22 @@ fn import_graph(
                 let id = by_name
                     .get(i)
                     .copied()
-                    .ok_or_else(|| ImportError::UndefinedInput { node: name.clone(), input: i.clone() })?;
+                    .ok_or_else(|| ImportError::UndefinedInput {
+                        node: name.clone(),
+                        input: i.clone(),
+                    })?;
                 inputs.push(Some(id));
             }
         }
         while inputs.last() == Some(&None) {
             inputs.pop();
         }
-        let id = g.nodes.add_node(Node { name, op, inputs, outputs: outs.clone() });
+        let id = g.nodes.add_node(Node {
+            name,
+            op,
+            inputs,
+            outputs: outs.clone(),
+        });
         for (k, o) in outs.into_iter().enumerate() {
             g.value_mut(o).def = ValueDef::Node(id, k);
         }
@@ -294,13 +393,17 @@ fn import_graph(
     g.rebuild_edges();
     for o in &gp.output {
         let name = o.name.clone().unwrap_or_default();
-        let id = by_name.get(&name).copied().ok_or_else(|| ImportError::UndefinedOutput(name.clone()))?;
+        let id = by_name
+            .get(&name)
+            .copied()
+            .ok_or_else(|| ImportError::UndefinedOutput(name.clone()))?;
         if g.value(id).ty.dtype.is_none() {
             g.value_mut(id).ty = value_type("graph output", o)?;
         }
         g.outputs.push(id);
     }
-    g.topo_order().map_err(|e| ImportError::Cycle(e.nodes.join(", ")))?;
+    g.topo_order()
+        .map_err(|e| ImportError::Cycle(e.nodes.join(", ")))?;
     Ok(g)
 }
 
@@ -328,13 +431,19 @@ pub struct ModelSummary {
 }
 
 pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
-    let io = |source| ImportError::Io { path: path.display().to_string(), source };
+    let io = |source| ImportError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let bytes = Bytes::from(std::fs::read(path).map_err(io)?);
     if bytes.is_empty() {
         return Err(ImportError::NotAModel("the file is empty".into()));
     }
     let model = ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
-    let gp = model.graph.as_ref().ok_or_else(|| ImportError::NotAModel("it has no graph".into()))?;
+    let gp = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| ImportError::NotAModel("it has no graph".into()))?;
     let mut s = ModelSummary {
         ir_version: model.ir_version.unwrap_or(0),
         producer: model.producer_name.clone().unwrap_or_default(),
@@ -344,10 +453,17 @@ pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
     let mut opsets = BTreeMap::new();
     for o in &model.opset_import {
         let d = o.domain.clone().unwrap_or_default();
-        opsets.insert(if d == "ai.onnx" { String::new() } else { d }, o.version.unwrap_or(0));
+        opsets.insert(
+            if d == "ai.onnx" { String::new() } else { d },
+            o.version.unwrap_or(0),
+        );
     }
     s.opsets = opsets.iter().map(|(d, v)| (d.clone(), *v)).collect();
-    let init_names: std::collections::HashSet<&str> = gp.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    let init_names: std::collections::HashSet<&str> = gp
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
     let show = |vi: &proto::ValueInfoProto| -> (String, String) {
         let name = vi.name.clone().unwrap_or_default();
         let ty = match value_type("value", vi) {
@@ -356,7 +472,12 @@ pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
         };
         (name, ty)
     };
-    s.inputs = gp.input.iter().filter(|i| !init_names.contains(i.name.as_deref().unwrap_or(""))).map(show).collect();
+    s.inputs = gp
+        .input
+        .iter()
+        .filter(|i| !init_names.contains(i.name.as_deref().unwrap_or("")))
+        .map(show)
+        .collect();
     s.outputs = gp.output.iter().map(show).collect();
     let mut hist: BTreeMap<String, usize> = BTreeMap::new();
     let mut unsupported: BTreeMap<(String, String, i64), Vec<String>> = BTreeMap::new();
@@ -386,8 +507,16 @@ pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
     for (i, n) in gp.node.iter().enumerate() {
         let op_type = n.op_type.clone().unwrap_or_default();
         let domain = n.domain.clone().unwrap_or_default();
-        let domain = if domain == "ai.onnx" { String::new() } else { domain };
-        let key = if domain.is_empty() { op_type.clone() } else { format!("{domain}::{op_type}") };
+        let domain = if domain == "ai.onnx" {
+            String::new()
+        } else {
+            domain
+        };
+        let key = if domain.is_empty() {
+            op_type.clone()
+        } else {
+            format!("{domain}::{op_type}")
+        };
         *hist.entry(key).or_default() += 1;
         let attrs = ops::Attrs::new(n);
         if op_type == "Constant" && domain.is_empty() {
@@ -396,16 +525,29 @@ pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
             }
         }
         let version = opsets.get(&domain).copied();
-        let has_subgraph = n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty());
+        let has_subgraph = n
+            .attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty());
         let supported = match version {
             None => false,
             Some(_) if has_subgraph => false,
             Some(_) if op_type == "Constant" && domain.is_empty() => true,
-            Some(v) => !matches!(ops::parse_op(&domain, &op_type, v, &attrs), Err(ops::OpError::Unsupported)),
+            Some(v) => !matches!(
+                ops::parse_op(&domain, &op_type, v, &attrs),
+                Err(ops::OpError::Unsupported)
+            ),
         };
         if !supported {
-            let name = n.name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{op_type}_{i}"));
-            unsupported.entry((domain, op_type, version.unwrap_or(0))).or_default().push(name);
+            let name = n
+                .name
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("{op_type}_{i}"));
+            unsupported
+                .entry((domain, op_type, version.unwrap_or(0)))
+                .or_default()
+                .push(name);
         }
     }
     let mut hv: Vec<(String, usize)> = hist.into_iter().collect();
@@ -413,7 +555,12 @@ pub fn summarize(path: &Path) -> Result<ModelSummary, ImportError> {
     s.op_histogram = hv;
     s.unsupported = unsupported
         .into_iter()
-        .map(|((domain, op_type, version), nodes)| UnsupportedOp { domain, op_type, version, nodes })
+        .map(|((domain, op_type, version), nodes)| UnsupportedOp {
+            domain,
+            op_type,
+            version,
+            nodes,
+        })
         .collect();
     Ok(s)
 }

@@ -28,7 +28,13 @@ fn bad<T>(msg: impl Into<String>) -> R<T> {
 
 impl<'a> Attrs<'a> {
     pub fn new(node: &'a NodeProto) -> Attrs<'a> {
-        Attrs { map: node.attribute.iter().map(|a| (a.name.as_deref().unwrap_or(""), a)).collect() }
+        Attrs {
+            map: node
+                .attribute
+                .iter()
+                .map(|a| (a.name.as_deref().unwrap_or(""), a))
+                .collect(),
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -60,7 +66,8 @@ impl<'a> Attrs<'a> {
 
     pub fn usize(&self, name: &str, default: usize) -> R<usize> {
         let v = self.int(name, default as i64)?;
-        usize::try_from(v).or_else(|_| bad(format!("attribute '{name}' must not be negative, got {v}")))
+        usize::try_from(v)
+            .or_else(|_| bad(format!("attribute '{name}' must not be negative, got {v}")))
     }
 
     pub fn float(&self, name: &str, default: f32) -> R<f32> {
@@ -79,7 +86,8 @@ impl<'a> Attrs<'a> {
         match self.get(name) {
             None => Ok(default.to_string()),
             Some(a) => match &a.s {
-                Some(s) => String::from_utf8(s.to_vec()).or_else(|_| bad(format!("attribute '{name}' is not UTF-8"))),
+                Some(s) => String::from_utf8(s.to_vec())
+                    .or_else(|_| bad(format!("attribute '{name}' is not UTF-8"))),
                 None if a.r#type == Some(3) => Ok(String::new()),
                 None => bad(format!("attribute '{name}' must be a string")),
             },
@@ -92,7 +100,12 @@ impl<'a> Attrs<'a> {
 
     pub fn usizes(&self, name: &str) -> R<Vec<usize>> {
         let v = self.ints(name)?.unwrap_or_default();
-        v.iter().map(|&x| usize::try_from(x).or_else(|_| bad(format!("attribute '{name}' has a negative entry {x}")))).collect()
+        v.iter()
+            .map(|&x| {
+                usize::try_from(x)
+                    .or_else(|_| bad(format!("attribute '{name}' has a negative entry {x}")))
+            })
+            .collect()
     }
 
     pub fn floats(&self, name: &str) -> R<Option<Vec<f32>>> {
@@ -103,7 +116,9 @@ impl<'a> Attrs<'a> {
         match self.int_opt(name)? {
             None => Ok(None),
             // A valid ONNX type Kiln does not implement (float8, string, ...) is unsupported.
-            Some(code) => DType::from_onnx(code as i32).map(Some).ok_or(OpError::Unsupported),
+            Some(code) => DType::from_onnx(code as i32)
+                .map(Some)
+                .ok_or(OpError::Unsupported),
         }
     }
 }
@@ -141,7 +156,10 @@ fn reduction(a: &Attrs) -> R<ScatterReduction> {
 }
 
 /// The tensor value of a `Constant` node (any of its value attributes).
-pub fn constant_node_value(a: &Attrs, ext: &mut super::tensor_proto::ExternalData) -> Result<Tensor, OpError> {
+pub fn constant_node_value(
+    a: &Attrs,
+    ext: &mut super::tensor_proto::ExternalData,
+) -> Result<Tensor, OpError> {
     if let Some(t) = a.get("value").and_then(|x| x.t.as_ref()) {
         return super::tensor_proto::constant_from_proto(t, ext)
             .map(|c| c.to_tensor())
@@ -151,7 +169,10 @@ pub fn constant_node_value(a: &Attrs, ext: &mut super::tensor_proto::ExternalDat
         return Ok(Tensor::scalar(attr.f.unwrap_or(0.0)));
     }
     if let Some(attr) = a.get("value_floats") {
-        return Ok(Tensor::from_vec(vec![attr.floats.len()], attr.floats.clone()));
+        return Ok(Tensor::from_vec(
+            vec![attr.floats.len()],
+            attr.floats.clone(),
+        ));
     }
     if let Some(attr) = a.get("value_int") {
         return Ok(Tensor::scalar(attr.i.unwrap_or(0)));
@@ -192,12 +213,25 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
     let unary = |u: UnaryOp| Ok(Op::Unary(u));
     let binary = |b: BinaryOp| Ok(Op::Binary(b));
     let reduce = |kind: ReduceKind, axes_input_since: i64| -> R<Op> {
-        let axes = if ver < axes_input_since { Some(a.ints("axes")?.unwrap_or_default()) } else { None };
-        Ok(Op::Reduce { kind, axes, keepdims: a.flag("keepdims", true)?, noop_with_empty_axes: a.flag("noop_with_empty_axes", false)? })
+        let axes = if ver < axes_input_since {
+            Some(a.ints("axes")?.unwrap_or_default())
+        } else {
+            None
+        };
+        Ok(Op::Reduce {
+            kind,
+            axes,
+            keepdims: a.flag("keepdims", true)?,
+            noop_with_empty_axes: a.flag("noop_with_empty_axes", false)?,
+        })
     };
     let softmax = |kind: SoftmaxKind| -> R<Op> {
         let coerce_2d = ver < 13;
-        Ok(Op::Softmax { kind, axis: a.int("axis", if coerce_2d { 1 } else { -1 })?, coerce_2d })
+        Ok(Op::Softmax {
+            kind,
+            axis: a.int("axis", if coerce_2d { 1 } else { -1 })?,
+            coerce_2d,
+        })
     };
     match op_type {
         "Abs" => unary(U::Abs),
@@ -236,12 +270,26 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
             detect_negative: a.flag("detect_negative", true)?,
             detect_positive: a.flag("detect_positive", true)?,
         }),
-        "LeakyRelu" => unary(U::LeakyRelu { alpha: a.float("alpha", 0.01)? }),
-        "Elu" => unary(U::Elu { alpha: a.float("alpha", 1.0)? }),
-        "Selu" => unary(U::Selu { alpha: a.float("alpha", 1.673_263_2)?, gamma: a.float("gamma", 1.050_701)? }),
-        "Celu" => unary(U::Celu { alpha: a.float("alpha", 1.0)? }),
-        "ThresholdedRelu" => unary(U::ThresholdedRelu { alpha: a.float("alpha", 1.0)? }),
-        "HardSigmoid" => unary(U::HardSigmoid { alpha: a.float("alpha", 0.2)?, beta: a.float("beta", 0.5)? }),
+        "LeakyRelu" => unary(U::LeakyRelu {
+            alpha: a.float("alpha", 0.01)?,
+        }),
+        "Elu" => unary(U::Elu {
+            alpha: a.float("alpha", 1.0)?,
+        }),
+        "Selu" => unary(U::Selu {
+            alpha: a.float("alpha", 1.673_263_2)?,
+            gamma: a.float("gamma", 1.050_701)?,
+        }),
+        "Celu" => unary(U::Celu {
+            alpha: a.float("alpha", 1.0)?,
+        }),
+        "ThresholdedRelu" => unary(U::ThresholdedRelu {
+            alpha: a.float("alpha", 1.0)?,
+        }),
+        "HardSigmoid" => unary(U::HardSigmoid {
+            alpha: a.float("alpha", 0.2)?,
+            beta: a.float("beta", 0.5)?,
+        }),
         "Gelu" => unary(U::Gelu {
             tanh_approximation: match a.string("approximate", "none")?.as_str() {
                 "none" => false,
@@ -249,14 +297,21 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
                 o => return bad(format!("unknown Gelu approximate '{o}'")),
             },
         }),
-        "Shrink" => unary(U::Shrink { bias: a.float("bias", 0.0)?, lambd: a.float("lambd", 0.5)? }),
-        "Swish" => unary(U::Swish { alpha: a.float("alpha", 1.0)? }),
+        "Shrink" => unary(U::Shrink {
+            bias: a.float("bias", 0.0)?,
+            lambd: a.float("lambd", 0.5)?,
+        }),
+        "Swish" => unary(U::Swish {
+            alpha: a.float("alpha", 1.0)?,
+        }),
         "Add" if ver >= 7 => binary(B::Add),
         "Sub" if ver >= 7 => binary(B::Sub),
         "Mul" if ver >= 7 => binary(B::Mul),
         "Div" if ver >= 7 => binary(B::Div),
         "Pow" if ver >= 7 => binary(B::Pow),
-        "Mod" => binary(B::Mod { fmod: a.flag("fmod", false)? }),
+        "Mod" => binary(B::Mod {
+            fmod: a.flag("fmod", false)?,
+        }),
         "Equal" => binary(B::Equal),
         "Less" => binary(B::Less),
         "LessOrEqual" => binary(B::LessOrEqual),
@@ -271,7 +326,9 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         "BitShift" => match a.string("direction", "")?.as_str() {
             "LEFT" => binary(B::BitShiftLeft),
             "RIGHT" => binary(B::BitShiftRight),
-            o => bad(format!("BitShift direction must be LEFT or RIGHT, got '{o}'")),
+            o => bad(format!(
+                "BitShift direction must be LEFT or RIGHT, got '{o}'"
+            )),
         },
         "PRelu" if ver >= 7 => binary(B::PRelu),
         "Sum" if ver >= 8 => Ok(Op::Variadic(VariadicOp::Sum)),
@@ -281,16 +338,26 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         "Where" => Ok(Op::Where),
         "Clip" => {
             if ver < 11 {
-                Ok(Op::Clip { min: Some(a.float("min", f32::MIN)?), max: Some(a.float("max", f32::MAX)?) })
+                Ok(Op::Clip {
+                    min: Some(a.float("min", f32::MIN)?),
+                    max: Some(a.float("max", f32::MAX)?),
+                })
             } else {
-                Ok(Op::Clip { min: None, max: None })
+                Ok(Op::Clip {
+                    min: None,
+                    max: None,
+                })
             }
         }
         "Cast" => Ok(Op::Cast {
-            to: a.dtype("to")?.ok_or(OpError::BadAttribute("Cast needs attribute 'to'".into()))?,
+            to: a
+                .dtype("to")?
+                .ok_or(OpError::BadAttribute("Cast needs attribute 'to'".into()))?,
             saturate: a.flag("saturate", true)?,
         }),
-        "CastLike" => Ok(Op::CastLike { saturate: a.flag("saturate", true)? }),
+        "CastLike" => Ok(Op::CastLike {
+            saturate: a.flag("saturate", true)?,
+        }),
         "Identity" => Ok(Op::Identity),
         // Training-mode Dropout is random; only the inference form (no training_mode input) is
         // implemented. The input count is checked by the importer (see `needs_inputs`).
@@ -314,7 +381,10 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         "Softmax" => softmax(SoftmaxKind::Softmax),
         "LogSoftmax" => softmax(SoftmaxKind::LogSoftmax),
         "Hardmax" => softmax(SoftmaxKind::Hardmax),
-        "CumSum" => Ok(Op::CumSum { exclusive: a.flag("exclusive", false)?, reverse: a.flag("reverse", false)? }),
+        "CumSum" => Ok(Op::CumSum {
+            exclusive: a.flag("exclusive", false)?,
+            reverse: a.flag("reverse", false)?,
+        }),
         "TopK" => Ok(Op::TopK {
             axis: a.int("axis", -1)?,
             largest: a.flag("largest", true)?,
@@ -338,7 +408,9 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         "MaxPool" | "AveragePool" | "LpPool" => {
             let kind = match op_type {
                 "MaxPool" => PoolKind::Max,
-                "AveragePool" => PoolKind::Average { count_include_pad: a.flag("count_include_pad", false)? },
+                "AveragePool" => PoolKind::Average {
+                    count_include_pad: a.flag("count_include_pad", false)?,
+                },
                 _ => PoolKind::Lp { p: a.int("p", 2)? },
             };
             let mut window = conv_attrs(a)?;
@@ -351,62 +423,123 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
             }))
         }
         "GlobalMaxPool" => Ok(Op::GlobalPool(PoolKind::Max)),
-        "GlobalAveragePool" => Ok(Op::GlobalPool(PoolKind::Average { count_include_pad: true })),
+        "GlobalAveragePool" => Ok(Op::GlobalPool(PoolKind::Average {
+            count_include_pad: true,
+        })),
         "GlobalLpPool" => Ok(Op::GlobalPool(PoolKind::Lp { p: a.int("p", 2)? })),
         "BatchNormalization" if ver >= 9 => {
             if a.flag("training_mode", false)? {
                 return Err(OpError::Unsupported);
             }
-            Ok(Op::BatchNorm { epsilon: a.float("epsilon", 1e-5)? })
+            Ok(Op::BatchNorm {
+                epsilon: a.float("epsilon", 1e-5)?,
+            })
         }
         "LayerNormalization" => {
             if a.int("stash_type", 1)? != 1 {
                 return Err(OpError::Unsupported);
             }
-            Ok(Op::LayerNorm { axis: a.int("axis", -1)?, epsilon: a.float("epsilon", 1e-5)? })
+            Ok(Op::LayerNorm {
+                axis: a.int("axis", -1)?,
+                epsilon: a.float("epsilon", 1e-5)?,
+            })
         }
         "RMSNormalization" => {
             if a.int("stash_type", 1)? != 1 {
                 return Err(OpError::Unsupported);
             }
-            Ok(Op::RmsNorm { axis: a.int("axis", -1)?, epsilon: a.float("epsilon", 1e-5)? })
+            Ok(Op::RmsNorm {
+                axis: a.int("axis", -1)?,
+                epsilon: a.float("epsilon", 1e-5)?,
+            })
         }
-        "InstanceNormalization" => Ok(Op::InstanceNorm { epsilon: a.float("epsilon", 1e-5)? }),
+        "InstanceNormalization" => Ok(Op::InstanceNorm {
+            epsilon: a.float("epsilon", 1e-5)?,
+        }),
         "GroupNormalization" if ver >= 21 => {
             if a.int("stash_type", 1)? != 1 {
                 return Err(OpError::Unsupported);
             }
-            Ok(Op::GroupNorm { epsilon: a.float("epsilon", 1e-5)?, num_groups: a.usize("num_groups", 1)? })
+            Ok(Op::GroupNorm {
+                epsilon: a.float("epsilon", 1e-5)?,
+                num_groups: a.usize("num_groups", 1)?,
+            })
         }
-        "LpNormalization" => Ok(Op::LpNorm { axis: a.int("axis", -1)?, p: a.int("p", 2)? }),
-        "Reshape" if ver >= 5 => Ok(Op::Reshape { allowzero: a.flag("allowzero", false)? }),
-        "Transpose" => Ok(Op::Transpose { perm: a.ints("perm")? }),
-        "Concat" => Ok(Op::Concat { axis: a.int("axis", if ver < 4 { 1 } else { 0 })? }),
+        "LpNormalization" => Ok(Op::LpNorm {
+            axis: a.int("axis", -1)?,
+            p: a.int("p", 2)?,
+        }),
+        "Reshape" if ver >= 5 => Ok(Op::Reshape {
+            allowzero: a.flag("allowzero", false)?,
+        }),
+        "Transpose" => Ok(Op::Transpose {
+            perm: a.ints("perm")?,
+        }),
+        "Concat" => Ok(Op::Concat {
+            axis: a.int("axis", if ver < 4 { 1 } else { 0 })?,
+        }),
         "Split" => Ok(Op::Split {
             axis: a.int("axis", 0)?,
-            split: if ver < 13 { a.ints("split")?.or_else(|| None) } else { None },
-            num_outputs: if ver >= 18 { a.int_opt("num_outputs")?.map(|n| n.max(0) as usize) } else { None },
+            split: if ver < 13 {
+                a.ints("split")?.or_else(|| None)
+            } else {
+                None
+            },
+            num_outputs: if ver >= 18 {
+                a.int_opt("num_outputs")?.map(|n| n.max(0) as usize)
+            } else {
+                None
+            },
         }),
         "Slice" => {
             if ver < 10 {
                 let starts = a.ints("starts")?.unwrap_or_default();
                 let ends = a.ints("ends")?.unwrap_or_default();
-                Ok(Op::Slice { attrs: Some((starts, ends, a.ints("axes")?)) })
+                Ok(Op::Slice {
+                    attrs: Some((starts, ends, a.ints("axes")?)),
+                })
             } else {
                 Ok(Op::Slice { attrs: None })
             }
         }
-        "Gather" => Ok(Op::Gather { axis: a.int("axis", 0)? }),
-        "GatherElements" => Ok(Op::GatherElements { axis: a.int("axis", 0)? }),
-        "GatherND" => Ok(Op::GatherND { batch_dims: a.usize("batch_dims", 0)? }),
-        "ScatterElements" => Ok(Op::ScatterElements { axis: a.int("axis", 0)?, reduction: reduction(a)? }),
-        "Scatter" => Ok(Op::ScatterElements { axis: a.int("axis", 0)?, reduction: ScatterReduction::None }),
-        "ScatterND" => Ok(Op::ScatterND { reduction: reduction(a)? }),
+        "Gather" => Ok(Op::Gather {
+            axis: a.int("axis", 0)?,
+        }),
+        "GatherElements" => Ok(Op::GatherElements {
+            axis: a.int("axis", 0)?,
+        }),
+        "GatherND" => Ok(Op::GatherND {
+            batch_dims: a.usize("batch_dims", 0)?,
+        }),
+        "ScatterElements" => Ok(Op::ScatterElements {
+            axis: a.int("axis", 0)?,
+            reduction: reduction(a)?,
+        }),
+        "Scatter" => Ok(Op::ScatterElements {
+            axis: a.int("axis", 0)?,
+            reduction: ScatterReduction::None,
+        }),
+        "ScatterND" => Ok(Op::ScatterND {
+            reduction: reduction(a)?,
+        }),
         "Expand" => Ok(Op::Expand),
-        "Squeeze" => Ok(Op::Squeeze { axes: if ver < 13 { a.ints("axes")? } else { None } }),
-        "Unsqueeze" => Ok(Op::Unsqueeze { axes: if ver < 13 { Some(a.ints("axes")?.unwrap_or_default()) } else { None } }),
-        "Flatten" => Ok(Op::Flatten { axis: a.int("axis", 1)? }),
-        "Shape" => Ok(Op::Shape { start: a.int("start", 0)?, end: a.int_opt("end")? }),
+        "Squeeze" => Ok(Op::Squeeze {
+            axes: if ver < 13 { a.ints("axes")? } else { None },
+        }),
+        "Unsqueeze" => Ok(Op::Unsqueeze {
+            axes: if ver < 13 {
+                Some(a.ints("axes")?.unwrap_or_default())
+            } else {
+                None
+            },
+        }),
+        "Flatten" => Ok(Op::Flatten {
+            axis: a.int("axis", 1)?,
+        }),
+        "Shape" => Ok(Op::Shape {
+            start: a.int("start", 0)?,
+            end: a.int_opt("end")?,
+        }),
         "Size" => Ok(Op::Size),
         "ConstantOfShape" => {
             let value = match a.get("value").and_then(|x| x.t.as_ref()) {
@@ -434,9 +567,17 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
                 o => return bad(format!("unknown Pad mode '{o}'")),
             };
             if ver < 11 {
-                Ok(Op::Pad { mode, pads: Some(a.ints("pads")?.unwrap_or_default()), value: a.float("value", 0.0)? })
+                Ok(Op::Pad {
+                    mode,
+                    pads: Some(a.ints("pads")?.unwrap_or_default()),
+                    value: a.float("value", 0.0)?,
+                })
             } else {
-                Ok(Op::Pad { mode, pads: None, value: 0.0 })
+                Ok(Op::Pad {
+                    mode,
+                    pads: None,
+                    value: 0.0,
+                })
             }
         }
         "Resize" if ver >= 10 => resize(a, ver, false),
@@ -449,16 +590,31 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
                 o => return bad(format!("unknown DepthToSpace mode '{o}'")),
             },
         }),
-        "SpaceToDepth" => Ok(Op::SpaceToDepth { blocksize: a.usize("blocksize", 1)? }),
-        "Trilu" => Ok(Op::Trilu { upper: a.flag("upper", true)? }),
-        "OneHot" => Ok(Op::OneHot { axis: a.int("axis", -1)? }),
+        "SpaceToDepth" => Ok(Op::SpaceToDepth {
+            blocksize: a.usize("blocksize", 1)?,
+        }),
+        "Trilu" => Ok(Op::Trilu {
+            upper: a.flag("upper", true)?,
+        }),
+        "OneHot" => Ok(Op::OneHot {
+            axis: a.int("axis", -1)?,
+        }),
         "NonZero" => Ok(Op::NonZero),
-        "EyeLike" => Ok(Op::EyeLike { dtype: a.dtype("dtype")?, k: a.int("k", 0)? }),
-        "Compress" => Ok(Op::Compress { axis: a.int_opt("axis")? }),
-        "ReverseSequence" => {
-            Ok(Op::ReverseSequence { batch_axis: a.usize("batch_axis", 1)?, time_axis: a.usize("time_axis", 0)? })
-        }
-        "DequantizeLinear" => Ok(Op::DequantizeLinear { axis: a.int("axis", 1)?, block_size: a.usize("block_size", 0)? }),
+        "EyeLike" => Ok(Op::EyeLike {
+            dtype: a.dtype("dtype")?,
+            k: a.int("k", 0)?,
+        }),
+        "Compress" => Ok(Op::Compress {
+            axis: a.int_opt("axis")?,
+        }),
+        "ReverseSequence" => Ok(Op::ReverseSequence {
+            batch_axis: a.usize("batch_axis", 1)?,
+            time_axis: a.usize("time_axis", 0)?,
+        }),
+        "DequantizeLinear" => Ok(Op::DequantizeLinear {
+            axis: a.int("axis", 1)?,
+            block_size: a.usize("block_size", 0)?,
+        }),
         "QuantizeLinear" => Ok(Op::QuantizeLinear {
             axis: a.int("axis", 1)?,
             block_size: a.usize("block_size", 0)?,
@@ -484,7 +640,10 @@ fn resize(a: &Attrs, ver: i64, upsample: bool) -> Result<Op, OpError> {
     let coordinate_transform = if legacy {
         CoordinateTransform::Asymmetric
     } else {
-        match a.string("coordinate_transformation_mode", "half_pixel")?.as_str() {
+        match a
+            .string("coordinate_transformation_mode", "half_pixel")?
+            .as_str()
+        {
             "half_pixel" => CoordinateTransform::HalfPixel,
             "half_pixel_symmetric" => CoordinateTransform::HalfPixelSymmetric,
             "pytorch_half_pixel" => CoordinateTransform::PytorchHalfPixel,
