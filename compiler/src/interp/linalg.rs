@@ -10,8 +10,16 @@ use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint column blocks of one output buffer to rayon workers.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method (not field access) so closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// C[m,n] = sum_k A[m,k] B[k,n] for row-major f32 matrices given by (data, row stride, col
 /// stride). Parallel over column blocks of C.
@@ -45,7 +53,6 @@ pub fn sgemm(
     let cp = SendPtr(c.as_mut_ptr());
     let nblocks = n.div_ceil(block);
     (0..nblocks).into_par_iter().for_each(|bi| {
-        let cp = cp;
         let n0 = bi * block;
         let nb = block.min(n - n0);
         // SAFETY: every block writes a disjoint column range of C; A and B are only read and
@@ -63,7 +70,7 @@ pub fn sgemm(
                 rsb,
                 csb,
                 0.0,
-                cp.0.add(n0),
+                cp.get().add(n0),
                 n as isize,
                 1,
             );
@@ -71,19 +78,18 @@ pub fn sgemm(
     });
 }
 
-/// Numpy matmul broadcasting: returns (batch shape, M, K, N, a batch index, b batch index).
-fn matmul_dims(
-    a: &[usize],
-    b: &[usize],
-) -> KResult<(
-    Vec<usize>,
-    usize,
-    usize,
-    usize,
-    Vec<usize>,
-    Vec<usize>,
-    Vec<usize>,
-)> {
+/// Numpy matmul broadcasting of two operand shapes.
+struct MatmulDims {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// For each output batch, the batch index into A and into B.
+    a_batch: Vec<usize>,
+    b_batch: Vec<usize>,
+    out_shape: Vec<usize>,
+}
+
+fn matmul_dims(a: &[usize], b: &[usize]) -> KResult<MatmulDims> {
     if a.is_empty() || b.is_empty() {
         return err("MatMul inputs must have rank >= 1");
     }
@@ -105,16 +111,23 @@ fn matmul_dims(
     let ab = &a2[..a2.len() - 2];
     let bb = &b2[..b2.len() - 2];
     let batch = broadcast_shapes(&[ab, bb])?;
-    let ia = broadcast_index(ab, &batch);
-    let ib = broadcast_index(bb, &batch);
-    let mut out_shape = batch.clone();
+    let a_batch = broadcast_index(ab, &batch);
+    let b_batch = broadcast_index(bb, &batch);
+    let mut out_shape = batch;
     if a.len() > 1 {
         out_shape.push(m);
     }
     if b.len() > 1 {
         out_shape.push(n);
     }
-    Ok((batch, m, k, n, ia, ib, out_shape))
+    Ok(MatmulDims {
+        m,
+        k,
+        n,
+        a_batch,
+        b_batch,
+        out_shape,
+    })
 }
 
 pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
@@ -125,7 +138,14 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
             b.dtype()
         ));
     }
-    let (_batch, m, k, n, ia, ib, out_shape) = matmul_dims(&a.shape, &b.shape)?;
+    let MatmulDims {
+        m,
+        k,
+        n,
+        a_batch: ia,
+        b_batch: ib,
+        out_shape,
+    } = matmul_dims(&a.shape, &b.shape)?;
     let nb = ia.len();
     match (&a.data, &b.data) {
         (TensorData::F32(av), TensorData::F32(bv)) => Ok(Tensor::from_vec(
@@ -178,17 +198,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> KResult<Tensor> {
             Ok(Tensor::new(
                 out_shape,
                 TensorData::from_f64s(a.dtype(), out.into_iter().map(|x| x as f64)),
-            )
-            .with_int_exact(a.dtype()))
+            ))
         }
-    }
-}
-
-impl Tensor {
-    /// Integer results routed through f64 lose nothing below 2^53; i64/u64 callers that need
-    /// exact wide values re-check here (identity for the common case).
-    fn with_int_exact(self, _dt: DType) -> Tensor {
-        self
     }
 }
 
@@ -294,7 +305,14 @@ pub fn gemm(ins: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) 
 pub fn matmul_integer(ins: &[Option<&Tensor>]) -> KResult<Tensor> {
     let a = input(ins, 0)?;
     let b = input(ins, 1)?;
-    let (_batch, m, k, n, ia, ib, out_shape) = matmul_dims(&a.shape, &b.shape)?;
+    let MatmulDims {
+        m,
+        k,
+        n,
+        a_batch: ia,
+        b_batch: ib,
+        out_shape,
+    } = matmul_dims(&a.shape, &b.shape)?;
     let av = ints_of(a)?;
     let bv = ints_of(b)?;
     let azp = opt_input(ins, 2).map(ints_of).transpose()?;

@@ -6,7 +6,7 @@
 use super::elementwise::concat_data;
 use super::util::*;
 use crate::dtype::DType;
-use crate::ir::{PadMode, ScatterReduction};
+use crate::ir::{PadMode, ScatterReduction, SliceAttrs};
 use crate::tensor::{numel, strides, Tensor, TensorData};
 
 /// For each element of the permuted output, the flat index in the input.
@@ -78,7 +78,7 @@ pub fn resolve_reshape(in_shape: &[usize], s: &[i64], allowzero: bool) -> KResul
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return err(format!("cannot reshape {in_shape:?} to {s:?}"));
         }
         out[i] = total / known;
@@ -191,14 +191,11 @@ pub fn split(
     Ok(out)
 }
 
-pub fn slice(
-    ins: &[Option<&Tensor>],
-    attrs: Option<&(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
-) -> KResult<Tensor> {
+pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&SliceAttrs>) -> KResult<Tensor> {
     let x = input(ins, 0)?;
     let r = x.rank();
     let (starts, ends, axes, steps) = match attrs {
-        Some((s, e, a)) => (s.clone(), e.clone(), a.clone(), None),
+        Some(a) => (a.starts.clone(), a.ends.clone(), a.axes.clone(), None),
         None => (
             ints_of(input(ins, 1)?)?,
             ints_of(input(ins, 2)?)?,
@@ -352,16 +349,8 @@ pub fn gather_nd(x: &Tensor, indices: &Tensor, b: usize) -> KResult<Tensor> {
     let slice_shape = &x.shape[b + k..];
     let slice_n = numel(slice_shape);
     let xst = strides(&x.shape);
-    let n_idx = if k == 0 {
-        indices.numel() / 1usize.max(indices.shape[q - 1])
-    } else {
-        ind.len() / k
-    };
-    let n_idx = if k == 0 {
-        indices.shape[..q - 1].iter().product()
-    } else {
-        n_idx
-    };
+    // Number of index tuples: all of the indices tensor but its last axis.
+    let n_idx: usize = indices.shape[..q - 1].iter().product();
     let per_batch = n_idx / batch.max(1);
     let mut idx = Vec::with_capacity(n_idx * slice_n);
     for t in 0..n_idx {
@@ -716,7 +705,7 @@ pub fn pad(
 }
 
 pub fn depth_to_space(x: &Tensor, b: usize, crd: bool) -> KResult<Tensor> {
-    if x.rank() != 4 || b == 0 || x.shape[1] % (b * b) != 0 {
+    if x.rank() != 4 || b == 0 || !x.shape[1].is_multiple_of(b * b) {
         return err(format!(
             "DepthToSpace needs [N,C,H,W] with C divisible by {}",
             b * b
@@ -733,7 +722,7 @@ pub fn depth_to_space(x: &Tensor, b: usize, crd: bool) -> KResult<Tensor> {
 }
 
 pub fn space_to_depth(x: &Tensor, b: usize) -> KResult<Tensor> {
-    if x.rank() != 4 || b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
+    if x.rank() != 4 || b == 0 || !x.shape[2].is_multiple_of(b) || !x.shape[3].is_multiple_of(b) {
         return err(format!(
             "SpaceToDepth needs [N,C,H,W] with H and W divisible by {b}"
         ));

@@ -250,6 +250,14 @@ pub struct ResizeAttrs {
     pub scales_input: usize,
 }
 
+/// Opset < 10 Slice bounds (attributes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceAttrs {
+    pub starts: Vec<i64>,
+    pub ends: Vec<i64>,
+    pub axes: Option<Vec<i64>>,
+}
+
 /// A graph operator with its typed attributes. Optional ONNX inputs are positional
 /// (`Node::inputs` holds `None` for an omitted one).
 #[derive(Clone, Debug, PartialEq)]
@@ -367,7 +375,7 @@ pub enum Op {
     },
     /// Opset < 10 bounds are attributes (`starts`, `ends`, `axes`).
     Slice {
-        attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+        attrs: Option<SliceAttrs>,
     },
     Gather {
         axis: i64,

@@ -480,11 +480,7 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
         }),
         "Split" => Ok(Op::Split {
             axis: a.int("axis", 0)?,
-            split: if ver < 13 {
-                a.ints("split")?.or_else(|| None)
-            } else {
-                None
-            },
+            split: if ver < 13 { a.ints("split")? } else { None },
             num_outputs: if ver >= 18 {
                 a.int_opt("num_outputs")?.map(|n| n.max(0) as usize)
             } else {
@@ -496,7 +492,11 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
                 let starts = a.ints("starts")?.unwrap_or_default();
                 let ends = a.ints("ends")?.unwrap_or_default();
                 Ok(Op::Slice {
-                    attrs: Some((starts, ends, a.ints("axes")?)),
+                    attrs: Some(SliceAttrs {
+                        starts,
+                        ends,
+                        axes: a.ints("axes")?,
+                    }),
                 })
             } else {
                 Ok(Op::Slice { attrs: None })
@@ -677,7 +677,7 @@ fn resize(a: &Attrs, ver: i64, upsample: bool) -> Result<Op, OpError> {
         mode,
         coordinate_transform,
         nearest_mode,
-        cubic_coeff_a: a.float("cubic_coeff_a", if ver < 11 { -0.75 } else { -0.75 })?,
+        cubic_coeff_a: a.float("cubic_coeff_a", -0.75)?,
         exclude_outside: a.flag("exclude_outside", false)?,
         extrapolation_value: a.float("extrapolation_value", 0.0)?,
         antialias: a.flag("antialias", false)?,

@@ -7,7 +7,7 @@ use super::ImportError;
 use crate::dtype::DType;
 use crate::ir::Constant;
 use crate::proto::TensorProto;
-use crate::tensor::{numel, Tensor};
+use crate::tensor::Tensor;
 use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;
@@ -289,15 +289,4 @@ pub fn write_tensor_file(path: &Path, name: &str, t: &Tensor) -> Result<(), Tens
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Element count of a shape, `None` on overflow.
-pub fn checked_numel(shape: &[usize]) -> Option<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .map(|n| {
-            debug_assert_eq!(n, numel(shape));
-            n
-        })
 }
