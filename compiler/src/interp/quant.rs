@@ -244,7 +244,9 @@ mod tests {
 
     /// Packs 4-bit values two per byte, low nibble first.
     fn pack4(v: &[u8]) -> Vec<u8> {
-        v.chunks(2).map(|c| c[0] | (c.get(1).copied().unwrap_or(0) << 4)).collect()
+        v.chunks(2)
+            .map(|c| c[0] | (c.get(1).copied().unwrap_or(0) << 4))
+            .collect()
     }
 
     /// MatMulNBits against a plain dequantize-then-multiply written out element by element.
@@ -257,12 +259,21 @@ mod tests {
         let zps: Vec<u8> = (0..n * nblk).map(|i| ((i * 5) % 16) as u8).collect();
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.25).collect();
         let b_packed: Vec<u8> = (0..n).flat_map(|r| pack4(&q[r * k..(r + 1) * k])).collect();
-        let zp_packed: Vec<u8> = (0..n).flat_map(|r| pack4(&zps[r * nblk..(r + 1) * nblk])).collect();
+        let zp_packed: Vec<u8> = (0..n)
+            .flat_map(|r| pack4(&zps[r * nblk..(r + 1) * nblk]))
+            .collect();
         let at = Tensor::from_vec(vec![m, k], a.clone());
         let bt = Tensor::from_vec(vec![n, nblk, block / 2], b_packed);
         let st = Tensor::from_vec(vec![n * nblk], scales.clone());
         let zt = Tensor::from_vec(vec![n * nblk.div_ceil(2)], zp_packed);
-        let got = matmul_nbits(&[Some(&at), Some(&bt), Some(&st), Some(&zt)], k, n, 4, block).unwrap();
+        let got = matmul_nbits(
+            &[Some(&at), Some(&bt), Some(&st), Some(&zt)],
+            k,
+            n,
+            4,
+            block,
+        )
+        .unwrap();
         assert_eq!(got.shape, vec![m, n]);
         let got = got.as_slice::<f32>().unwrap();
         for i in 0..m {
@@ -270,10 +281,15 @@ mod tests {
                 let mut want = 0f64;
                 for p in 0..k {
                     let blk = p / block;
-                    let w = (q[j * k + p] as f64 - zps[j * nblk + blk] as f64) * scales[j * nblk + blk] as f64;
+                    let w = (q[j * k + p] as f64 - zps[j * nblk + blk] as f64)
+                        * scales[j * nblk + blk] as f64;
                     want += a[i * k + p] as f64 * w;
                 }
-                assert!((got[i * n + j] as f64 - want).abs() < 1e-4, "[{i},{j}] {} vs {want}", got[i * n + j]);
+                assert!(
+                    (got[i * n + j] as f64 - want).abs() < 1e-4,
+                    "[{i},{j}] {} vs {want}",
+                    got[i * n + j]
+                );
             }
         }
     }
@@ -287,19 +303,32 @@ mod tests {
         let q: Vec<u8> = (0..n * k).map(|i| ((i * 11 + 1) % 16) as u8).collect();
         let scales: Vec<f32> = (0..n * nblk).map(|i| 0.5 + 0.25 * i as f32).collect();
         // DequantizeLinear layout: W is [K, N] (MatMul's B) with blocks along axis 0.
-        let w_kn: Vec<u8> = (0..k).flat_map(|p| (0..n).map(move |j| (p, j))).map(|(p, j)| q[j * k + p]).collect();
-        let s_kn: Vec<f32> = (0..nblk).flat_map(|b| (0..n).map(move |j| (b, j))).map(|(b, j)| scales[j * nblk + b]).collect();
+        let w_kn: Vec<u8> = (0..k)
+            .flat_map(|p| (0..n).map(move |j| (p, j)))
+            .map(|(p, j)| q[j * k + p])
+            .collect();
+        let s_kn: Vec<f32> = (0..nblk)
+            .flat_map(|b| (0..n).map(move |j| (b, j)))
+            .map(|(b, j)| scales[j * nblk + b])
+            .collect();
         let wt = Tensor::new(vec![k, n], TensorData::U4(w_kn));
         let st = Tensor::from_vec(vec![nblk, n], s_kn);
         let zt = Tensor::new(vec![nblk, n], TensorData::U4(vec![8; nblk * n]));
         let w = dequantize_linear(&[Some(&wt), Some(&st), Some(&zt)], 0, block).unwrap();
-        let a = Tensor::from_vec(vec![1, k], (0..k).map(|i| i as f32 * 0.1 - 1.0).collect::<Vec<f32>>());
+        let a = Tensor::from_vec(
+            vec![1, k],
+            (0..k).map(|i| i as f32 * 0.1 - 1.0).collect::<Vec<f32>>(),
+        );
         let via_dq = matmul(&a, &w).unwrap();
         let b_packed: Vec<u8> = (0..n).flat_map(|r| pack4(&q[r * k..(r + 1) * k])).collect();
         let bt = Tensor::from_vec(vec![n, nblk, block / 2], b_packed);
         let s_flat = Tensor::from_vec(vec![n * nblk], scales);
-        let via_nbits = matmul_nbits(&[Some(&a), Some(&bt), Some(&s_flat)], k, n, 4, block).unwrap();
-        let (x, y) = (via_dq.as_slice::<f32>().unwrap(), via_nbits.as_slice::<f32>().unwrap());
+        let via_nbits =
+            matmul_nbits(&[Some(&a), Some(&bt), Some(&s_flat)], k, n, 4, block).unwrap();
+        let (x, y) = (
+            via_dq.as_slice::<f32>().unwrap(),
+            via_nbits.as_slice::<f32>().unwrap(),
+        );
         for (u, v) in x.iter().zip(y) {
             assert!((u - v).abs() < 1e-4, "{u} vs {v}");
         }
