@@ -48,6 +48,19 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=FILE")]
         inputs: Vec<String>,
     },
+    /// Compile a model into a self-contained shared object for a target.
+    Compile {
+        model: std::path::PathBuf,
+        /// Target name (see `kiln targets`).
+        #[arg(long)]
+        target: String,
+        /// Output artifact path.
+        #[arg(short = 'o', long = "output")]
+        output: std::path::PathBuf,
+        /// Bind a dynamic dimension.
+        #[arg(long = "dim", value_name = "NAME=VALUE")]
+        dims: Vec<String>,
+    },
     /// List the targets Kiln knows, with the features each requires.
     Targets,
     /// Run every ONNX-test-layout folder (model.onnx + test_data_set_*/) under the given dirs.
@@ -81,6 +94,7 @@ fn main() -> ExitCode {
             inputs,
         } => cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs),
         Command::Targets => cli::targets::run(),
+        Command::Compile { model, target, output, dims } => cli::compile::run(&model, &target, &output, &dims),
         Command::Conformance {
             dirs,
             backend,

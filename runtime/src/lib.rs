@@ -1,7 +1,23 @@
 //! kiln-runtime: the part of Kiln an app links. It owns the C ABI of Kiln artifacts
-//! (`include/kiln.h`, mirrored here as constants) and, with the codegen work (issue 3), the
-//! loader that `dlopen`s an artifact, checks ABI version, target and CPU features before the
-//! first run, and the thread pool behind `parallel_for`. It depends on no other Kiln crate.
+//! (`include/kiln.h`, mirrored in `abi` and in the constants below), the loader
+//! ([`Model::load`]: `dlopen`, symbol resolution, and the ABI-version, target and CPU-feature
+//! checks that refuse an artifact before it could crash on an illegal instruction), sessions
+//! that run a model ([`Session`]: aligned workspace, buffer checks, status messages), and the
+//! thread pool behind the `parallel_for` of the `kiln_host` table ([`ThreadPool`]). It
+//! depends on no other Kiln crate. `c/kiln_run.c` is the same loader written in plain C.
+
+pub mod abi;
+pub mod cpu;
+mod model;
+mod pool;
+mod session;
+pub mod tensor;
+
+pub use cpu::Incompatible;
+pub use model::{LoadError, Model};
+pub use pool::ThreadPool;
+pub use session::{RunError, Session, SessionError, WORKSPACE_ALIGN};
+pub use tensor::TensorInfo;
 
 /// The ABI version an artifact must report from `kiln_abi_version()`; see include/kiln.h.
 pub const ABI_VERSION: u32 = 1;

@@ -1,7 +1,13 @@
-//! kiln-targets: what Kiln compiles for. This module owns the target descriptions — ISA,
-//! required CPU/GPU features, vector width and threading model — that schedules and codegen
-//! read instead of forking the lowering per device. The loop IR, schedules, Cranelift/PTX
-//! codegen and the artifact writer join this crate with the codegen work (issue 3).
+//! kiln-targets: the back half of Kiln. It owns the target descriptions (ISA, required
+//! features, vector model), the loop IR ([`loop_ir`]), lowering of a statically shaped graph
+//! into kernels ([`lower`]), static memory planning ([`plan`]), Cranelift code generation
+//! ([`codegen`]) and the ELF writer ([`artifact`]). [`compile`] runs them in that order.
+
+pub mod artifact;
+pub mod codegen;
+pub mod loop_ir;
+pub mod lower;
+pub mod plan;
 
 use std::fmt;
 
@@ -79,6 +85,57 @@ pub const TARGETS: &[Target] = &[
         description: "NVIDIA GPUs of compute capability 8.0 or newer, through PTX",
     },
 ];
+
+/// Options of one compilation.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// DT_SONAME of the artifact.
+    pub soname: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            soname: "libkiln_model.so".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Lower(#[from] lower::LowerError),
+    #[error(transparent)]
+    Codegen(#[from] codegen::CodegenError),
+    #[error(transparent)]
+    Artifact(#[from] artifact::ArtifactError),
+}
+
+/// A compiled artifact and the numbers the compile report prints.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub bytes: Vec<u8>,
+    pub stats: codegen::CodeStats,
+    pub plan: plan::MemoryPlan,
+}
+
+/// Compiles a statically shaped graph (after `kiln_compiler::shape::infer`) for `target`.
+pub fn compile(
+    graph: &kiln_compiler::Graph,
+    target: &Target,
+    options: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    let program = lower::lower(graph)?;
+    let mem = plan::plan(&program);
+    let (spec, stats) =
+        codegen::generate(target, &program, &mem.offsets, mem.peak, &options.soname)?;
+    let bytes = artifact::write_shared_object(&spec)?;
+    Ok(Compiled {
+        bytes,
+        stats,
+        plan: mem,
+    })
+}
 
 /// Looks a target up by name.
 pub fn target(name: &str) -> Option<&'static Target> {

@@ -9,12 +9,12 @@
 
 mod elementwise;
 mod linalg;
-pub(crate) mod movement;
+pub mod movement;
 mod norm;
 mod quant;
 mod reduce;
 mod resize;
-pub(crate) mod util;
+pub mod util;
 
 use crate::ir::{Dim, Graph, NodeId, Op, ValueDef, ValueId};
 use crate::tensor::Tensor;

@@ -191,29 +191,26 @@ pub fn split(
     Ok(out)
 }
 
-pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&SliceAttrs>) -> KResult<Tensor> {
-    let x = input(ins, 0)?;
-    let r = x.rank();
-    let (starts, ends, axes, steps) = match attrs {
-        Some(a) => (a.starts.clone(), a.ends.clone(), a.axes.clone(), None),
-        None => (
-            ints_of(input(ins, 1)?)?,
-            ints_of(input(ins, 2)?)?,
-            opt_input(ins, 3).map(ints_of).transpose()?,
-            opt_input(ins, 4).map(ints_of).transpose()?,
-        ),
-    };
-    let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-    let steps: Vec<i64> = steps.unwrap_or_else(|| vec![1; starts.len()]);
+/// Resolved Slice geometry: for every axis the first index, the step and the output length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceGeometry {
+    pub start: Vec<i64>,
+    pub step: Vec<i64>,
+    pub count: Vec<usize>,
+}
+
+/// Applies ONNX Slice clamping rules to `shape`.
+pub fn slice_geometry(shape: &[usize], starts: &[i64], ends: &[i64], axes: Option<&[i64]>, steps: Option<&[i64]>) -> KResult<SliceGeometry> {
+    let r = shape.len();
+    let axes: Vec<i64> = axes.map(|a| a.to_vec()).unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps: Vec<i64> = steps.map(|s| s.to_vec()).unwrap_or_else(|| vec![1; starts.len()]);
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return err("Slice starts/ends/axes/steps lengths differ");
     }
-    let mut st = vec![0i64; r];
-    let mut sp = vec![1i64; r];
-    let mut cnt: Vec<usize> = x.shape.clone();
+    let mut g = SliceGeometry { start: vec![0; r], step: vec![1; r], count: shape.to_vec() };
     for i in 0..starts.len() {
         let a = axis(axes[i], r)?;
-        let dim = x.shape[a] as i64;
+        let dim = shape[a] as i64;
         let step = steps[i];
         if step == 0 {
             return err("Slice step must not be 0");
@@ -227,20 +224,27 @@ pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&SliceAttrs>) -> KResult<Ten
         if e < 0 {
             e = e.saturating_add(dim);
         }
-        let (s, e) = if step > 0 {
-            (clampv(s, 0, dim), clampv(e, 0, dim))
-        } else {
-            (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1))
-        };
-        let n = if step > 0 {
-            (e - s).max(0).div_ceil_i(step)
-        } else {
-            (s - e).max(0).div_ceil_i(-step)
-        };
-        st[a] = s;
-        sp[a] = step;
-        cnt[a] = n as usize;
+        let (s, e) = if step > 0 { (clampv(s, 0, dim), clampv(e, 0, dim)) } else { (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1)) };
+        let n = if step > 0 { (e - s).max(0).div_ceil_i(step) } else { (s - e).max(0).div_ceil_i(-step) };
+        g.start[a] = s;
+        g.step[a] = step;
+        g.count[a] = n as usize;
     }
+    Ok(g)
+}
+
+pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&SliceAttrs>) -> KResult<Tensor> {
+    let x = input(ins, 0)?;
+    let r = x.rank();
+    let g = match attrs {
+        Some(a) => slice_geometry(&x.shape, &a.starts, &a.ends, a.axes.as_deref(), None)?,
+        None => {
+            let axes = opt_input(ins, 3).map(ints_of).transpose()?;
+            let steps = opt_input(ins, 4).map(ints_of).transpose()?;
+            slice_geometry(&x.shape, &ints_of(input(ins, 1)?)?, &ints_of(input(ins, 2)?)?, axes.as_deref(), steps.as_deref())?
+        }
+    };
+    let (st, sp, cnt) = (g.start, g.step, g.count);
     let ist = strides(&x.shape);
     let n = numel(&cnt);
     let mut idx = Vec::with_capacity(n);

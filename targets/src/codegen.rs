@@ -1,0 +1,999 @@
+//! Cranelift code generation: every loop-IR kernel becomes one machine function
+//! `kernel(bufs: *const *mut u8)`, and the C ABI of `runtime/include/kiln.h` is generated
+//! around them (`kiln_run` calls the kernels in order with buffer pointers built from the
+//! caller's inputs, outputs and workspace, and from the weights in the read-only segment).
+//! Transcendental functions are expanded inline (the artifact imports no libm). All symbol
+//! references are colocated, so the relocations are PC-relative and resolved by the artifact
+//! writer. The result is an [`ArtifactSpec`].
+
+use crate::artifact::{Arch, ArtifactSpec, DataBlob, FunctionBlob, Reloc, RelocKind};
+use crate::loop_ir::*;
+use crate::lower::{BufKind, Program};
+use crate::Target;
+use cranelift_codegen::control::ControlPlane;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    self, types, AbiParam, ExtFuncData, ExternalName, GlobalValueData, InstBuilder, MemFlagsData,
+    Signature, StackSlotData, StackSlotKind, Type, UserExternalName, UserFuncName, Value,
+};
+use cranelift_codegen::isa::{self, OwnedTargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::{binemit, Context, FinalizedRelocTarget};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CodegenError {
+    #[error("target {0} has no CPU code generator")]
+    NoBackend(String),
+    #[error("Cranelift setup: {0}")]
+    Isa(String),
+    #[error("kernel '{kernel}': {reason}")]
+    Kernel { kernel: String, reason: String },
+    #[error("Cranelift could not compile '{function}': {reason}")]
+    Compile { function: String, reason: String },
+}
+
+/// Symbol namespaces of `UserExternalName`: functions and data blobs.
+const NS_FUNC: u32 = 0;
+const NS_DATA: u32 = 1;
+
+/// Maximum rank stored in `kiln_tensor_info` (KILN_MAX_RANK in kiln.h).
+pub const MAX_RANK: usize = 8;
+
+pub fn make_isa(target: &Target) -> Result<(OwnedTargetIsa, Arch), CodegenError> {
+    let (triple, arch) = match target.isa {
+        crate::Isa::X86_64 => ("x86_64-unknown-linux-gnu", Arch::X86_64),
+        crate::Isa::Aarch64 if target.name != "aarch64-sve" => {
+            ("aarch64-unknown-linux-gnu", Arch::Aarch64)
+        }
+        _ => return Err(CodegenError::NoBackend(target.name.to_string())),
+    };
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| {
+        f.set(k, v)
+            .map_err(|e| CodegenError::Isa(format!("{k}={v}: {e}")))
+    };
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "is_pic", "false")?;
+    let mut ib = isa::lookup_by_name(triple).map_err(|e| CodegenError::Isa(e.to_string()))?;
+    for f in target.required_features {
+        let flag = match *f {
+            "sse4.1" => "has_sse41",
+            "dotprod" => "has_dotprod",
+            _ => continue,
+        };
+        ib.enable(flag)
+            .map_err(|e| CodegenError::Isa(format!("{flag}: {e}")))?;
+    }
+    if arch == Arch::X86_64 {
+        for f in ["has_sse3", "has_ssse3"] {
+            ib.enable(f)
+                .map_err(|e| CodegenError::Isa(format!("{f}: {e}")))?;
+        }
+    }
+    let isa = ib
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| CodegenError::Isa(e.to_string()))?;
+    Ok((isa, arch))
+}
+
+/// Accumulates compiled functions and data for one artifact.
+struct ModuleBuilder {
+    isa: OwnedTargetIsa,
+    arch: Arch,
+    func_names: Vec<String>,
+    functions: Vec<FunctionBlob>,
+    data: Vec<DataBlob>,
+}
+
+impl ModuleBuilder {
+    fn ptr(&self) -> Type {
+        types::I64
+    }
+
+    fn add_data(&mut self, name: impl Into<String>, bytes: Vec<u8>, align: u64) -> u32 {
+        self.data.push(DataBlob {
+            name: name.into(),
+            bytes,
+            align,
+        });
+        (self.data.len() - 1) as u32
+    }
+
+    /// Reserves a function index (so callers can reference it before it is compiled).
+    fn declare_function(&mut self, name: impl Into<String>) -> u32 {
+        self.func_names.push(name.into());
+        (self.func_names.len() - 1) as u32
+    }
+
+    fn compile(&mut self, index: u32, func: ir::Function) -> Result<(), CodegenError> {
+        let name = self.func_names[index as usize].clone();
+        let names = func.params.user_named_funcs().clone();
+        let mut ctx = Context::for_function(func);
+        let code = ctx
+            .compile(&*self.isa, &mut ControlPlane::default())
+            .map_err(|e| CodegenError::Compile {
+                function: name.clone(),
+                reason: format!("{:?}", e.inner),
+            })?;
+        let bytes = code.code_buffer().to_vec();
+        let mut relocs = Vec::new();
+        for r in code.buffer.relocs() {
+            let (target, extra) = match &r.target {
+                FinalizedRelocTarget::ExternalName(ExternalName::User(u)) => {
+                    let un = &names[*u];
+                    let t = match un.namespace {
+                        NS_FUNC => self.func_names[un.index as usize].clone(),
+                        _ => self.data[un.index as usize].name.clone(),
+                    };
+                    (t, 0i64)
+                }
+                FinalizedRelocTarget::Func(off) => (name.clone(), *off as i64),
+                other => {
+                    return Err(CodegenError::Compile {
+                        function: name,
+                        reason: format!("unexpected relocation target {other:?}"),
+                    })
+                }
+            };
+            let kind = match r.kind {
+                binemit::Reloc::X86PCRel4
+                | binemit::Reloc::X86CallPCRel4
+                | binemit::Reloc::X86CallPLTRel4 => RelocKind::X86PcRel4,
+                binemit::Reloc::Arm64Call => RelocKind::Aarch64Call26,
+                binemit::Reloc::Aarch64AdrPrelPgHi21 => RelocKind::Aarch64AdrPrelPgHi21,
+                binemit::Reloc::Aarch64AddAbsLo12Nc => RelocKind::Aarch64AddAbsLo12Nc,
+                other => {
+                    return Err(CodegenError::Compile {
+                        function: name,
+                        reason: format!("unsupported relocation {other:?}"),
+                    })
+                }
+            };
+            relocs.push(Reloc {
+                offset: r.offset,
+                kind,
+                target,
+                addend: r.addend + extra,
+            });
+        }
+        self.functions.push(FunctionBlob {
+            name,
+            code: bytes,
+            align: 16,
+            relocs,
+        });
+        Ok(())
+    }
+
+    fn signature(&self, params: &[Type], ret: Option<Type>) -> Signature {
+        let mut s = Signature::new(self.isa.default_call_conv());
+        s.params.extend(params.iter().map(|&t| AbiParam::new(t)));
+        if let Some(r) = ret {
+            s.returns.push(AbiParam::new(r));
+        }
+        s
+    }
+}
+
+fn clty(s: Scalar) -> Type {
+    match s {
+        Scalar::F32 => types::F32,
+        Scalar::I32 => types::I32,
+        Scalar::I64 => types::I64,
+        Scalar::Bool => types::I8,
+    }
+}
+
+/// Generated code for one kernel.
+struct KernelGen<'a, 'b> {
+    b: &'a mut FunctionBuilder<'b>,
+    k: &'a Kernel,
+    ptrs: Vec<Value>,
+    vars: Vec<Variable>,
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+impl KernelGen<'_, '_> {
+    fn err(&self, reason: impl Into<String>) -> CodegenError {
+        CodegenError::Kernel {
+            kernel: self.k.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn expr_type(&self, e: &Expr) -> Scalar {
+        match e {
+            Expr::Const(Const::F32(_)) => Scalar::F32,
+            Expr::Const(Const::I64(_)) => Scalar::I64,
+            Expr::Const(Const::I32(_)) => Scalar::I32,
+            Expr::Const(Const::Bool(_)) => Scalar::Bool,
+            Expr::Var(v) => self.k.vars[*v],
+            Expr::Load { buf, .. } => self.k.params[*buf].scalar,
+            Expr::Bin { a, .. } | Expr::Un { a, .. } => self.expr_type(a),
+            Expr::Cmp { .. } => Scalar::Bool,
+            Expr::Select { a, .. } => self.expr_type(a),
+            Expr::Cast { to, .. } => *to,
+        }
+    }
+
+    fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+
+    fn address(&mut self, buf: usize, index: &Expr) -> Result<Value, CodegenError> {
+        let idx = self.expr(index)?;
+        let idx = match self.expr_type(index) {
+            Scalar::I64 => idx,
+            Scalar::I32 => self.b.ins().sextend(types::I64, idx),
+            _ => return Err(self.err("index expression is not an integer")),
+        };
+        let size = self.k.params[buf].scalar.bytes() as i64;
+        let off = if size == 1 {
+            idx
+        } else {
+            self.b.ins().imul_imm_s(idx, size)
+        };
+        Ok(self.b.ins().iadd(self.ptrs[buf], off))
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<Value, CodegenError> {
+        Ok(match e {
+            Expr::Const(Const::F32(v)) => self.fconst(*v),
+            Expr::Const(Const::I64(v)) => self.b.ins().iconst(types::I64, *v),
+            Expr::Const(Const::I32(v)) => self.b.ins().iconst(types::I32, *v as i64),
+            Expr::Const(Const::Bool(v)) => self.b.ins().iconst(types::I8, *v as i64),
+            Expr::Var(v) => self.b.use_var(self.vars[*v]),
+            Expr::Load { buf, index } => {
+                let addr = self.address(*buf, index)?;
+                let ty = clty(self.k.params[*buf].scalar);
+                self.b.ins().load(ty, flags(), addr, 0)
+            }
+            Expr::Bin { op, a, b } => {
+                let t = self.expr_type(a);
+                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                self.binop(*op, t, x, y)?
+            }
+            Expr::Un { op, a } => {
+                let t = self.expr_type(a);
+                let x = self.expr(a)?;
+                self.unop(*op, t, x)?
+            }
+            Expr::Cmp { op, a, b } => {
+                let t = self.expr_type(a);
+                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                if t == Scalar::F32 {
+                    let cc = match op {
+                        CmpOp::Eq => FloatCC::Equal,
+                        CmpOp::Ne => FloatCC::NotEqual,
+                        CmpOp::Lt => FloatCC::LessThan,
+                        CmpOp::Le => FloatCC::LessThanOrEqual,
+                        CmpOp::Gt => FloatCC::GreaterThan,
+                        CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                    };
+                    self.b.ins().fcmp(cc, x, y)
+                } else {
+                    let cc = match op {
+                        CmpOp::Eq => IntCC::Equal,
+                        CmpOp::Ne => IntCC::NotEqual,
+                        CmpOp::Lt => IntCC::SignedLessThan,
+                        CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                        CmpOp::Gt => IntCC::SignedGreaterThan,
+                        CmpOp::Ge => IntCC::SignedGreaterThanOrEqual,
+                    };
+                    self.b.ins().icmp(cc, x, y)
+                }
+            }
+            Expr::Select { cond, a, b } => {
+                let c = self.expr(cond)?;
+                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                self.b.ins().select(c, x, y)
+            }
+            Expr::Cast { to, a } => {
+                let from = self.expr_type(a);
+                let x = self.expr(a)?;
+                self.cast(from, *to, x)
+            }
+        })
+    }
+
+    fn cast(&mut self, from: Scalar, to: Scalar, x: Value) -> Value {
+        use Scalar::*;
+        let ins = self.b.ins();
+        match (from, to) {
+            (a, b) if a == b => x,
+            (F32, I64) | (F32, I32) => ins.fcvt_to_sint_sat(clty(to), x),
+            (F32, Bool) => {
+                let z = self.fconst(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, x, z)
+            }
+            (I64, F32) | (I32, F32) => ins.fcvt_from_sint(types::F32, x),
+            (Bool, F32) => {
+                let w = ins.uextend(types::I32, x);
+                self.b.ins().fcvt_from_uint(types::F32, w)
+            }
+            (I64, I32) => ins.ireduce(types::I32, x),
+            (I32, I64) => ins.sextend(types::I64, x),
+            (Bool, I32) | (Bool, I64) => ins.uextend(clty(to), x),
+            (I32, Bool) | (I64, Bool) => ins.icmp_imm_s(IntCC::NotEqual, x, 0),
+            _ => x,
+        }
+    }
+
+    fn binop(&mut self, op: BinOp, t: Scalar, x: Value, y: Value) -> Result<Value, CodegenError> {
+        let i = self.b.ins();
+        Ok(if t == Scalar::F32 {
+            match op {
+                BinOp::Add => i.fadd(x, y),
+                BinOp::Sub => i.fsub(x, y),
+                BinOp::Mul => i.fmul(x, y),
+                BinOp::Div => i.fdiv(x, y),
+                BinOp::Min => i.fmin(x, y),
+                BinOp::Max => i.fmax(x, y),
+                BinOp::Pow => {
+                    let l = self.log(x);
+                    let p = self.b.ins().fmul(y, l);
+                    self.exp(p)
+                }
+                BinOp::Rem => {
+                    // fmod: x - trunc(x / y) * y
+                    let q = i.fdiv(x, y);
+                    let t = self.b.ins().trunc(q);
+                    let m = self.b.ins().fmul(t, y);
+                    self.b.ins().fsub(x, m)
+                }
+                BinOp::And | BinOp::Or | BinOp::Xor => return Err(self.err("logic op on floats")),
+            }
+        } else {
+            match op {
+                BinOp::Add => i.iadd(x, y),
+                BinOp::Sub => i.isub(x, y),
+                BinOp::Mul => i.imul(x, y),
+                BinOp::Div | BinOp::Rem => {
+                    // Division by zero would trap; ONNX leaves it undefined, Kiln yields 0.
+                    let zero = i.icmp_imm_s(IntCC::Equal, y, 0);
+                    let one = self.b.ins().iconst(clty(t), 1);
+                    let safe = self.b.ins().select(zero, one, y);
+                    let r = if op == BinOp::Div {
+                        self.b.ins().sdiv(x, safe)
+                    } else {
+                        self.b.ins().srem(x, safe)
+                    };
+                    let z = self.b.ins().iconst(clty(t), 0);
+                    self.b.ins().select(zero, z, r)
+                }
+                BinOp::Min => i.smin(x, y),
+                BinOp::Max => i.smax(x, y),
+                BinOp::And => i.band(x, y),
+                BinOp::Or => i.bor(x, y),
+                BinOp::Xor => i.bxor(x, y),
+                BinOp::Pow => return Err(self.err("integer Pow")),
+            }
+        })
+    }
+
+    fn unop(&mut self, op: UnOp, t: Scalar, x: Value) -> Result<Value, CodegenError> {
+        if t != Scalar::F32 {
+            return Ok(match op {
+                UnOp::Neg => self.b.ins().ineg(x),
+                UnOp::Abs => self.b.ins().iabs(x),
+                UnOp::Not => self.b.ins().bxor_imm_s(x, 1),
+                _ => return Err(self.err(format!("{op:?} on integers"))),
+            });
+        }
+        Ok(match op {
+            UnOp::Neg => self.b.ins().fneg(x),
+            UnOp::Abs => self.b.ins().fabs(x),
+            UnOp::Sqrt => self.b.ins().sqrt(x),
+            UnOp::Floor => self.b.ins().floor(x),
+            UnOp::Ceil => self.b.ins().ceil(x),
+            UnOp::Recip => {
+                let one = self.fconst(1.0);
+                self.b.ins().fdiv(one, x)
+            }
+            UnOp::Exp => self.exp(x),
+            UnOp::Log => self.log(x),
+            UnOp::Sigmoid => {
+                let n = self.b.ins().fneg(x);
+                let e = self.exp(n);
+                let one = self.fconst(1.0);
+                let d = self.b.ins().fadd(one, e);
+                self.b.ins().fdiv(one, d)
+            }
+            UnOp::Tanh => {
+                // tanh(x) = 1 - 2 / (exp(2x) + 1); exact limits for large |x|.
+                let two = self.fconst(2.0);
+                let x2 = self.b.ins().fmul(x, two);
+                let e = self.exp(x2);
+                let one = self.fconst(1.0);
+                let d = self.b.ins().fadd(e, one);
+                let q = self.b.ins().fdiv(two, d);
+                self.b.ins().fsub(one, q)
+            }
+            UnOp::Erf => self.erf(x),
+            UnOp::Not | UnOp::Sin | UnOp::Cos => {
+                return Err(self.err(format!("{op:?} is not generated for f32")))
+            }
+        })
+    }
+
+    /// Horner evaluation of sum c[i] * x^i (coefficients from the highest degree down).
+    fn horner(&mut self, x: Value, coeffs: &[f32]) -> Value {
+        let mut acc = self.fconst(coeffs[0]);
+        for &c in &coeffs[1..] {
+            let m = self.b.ins().fmul(acc, x);
+            let k = self.fconst(c);
+            acc = self.b.ins().fadd(m, k);
+        }
+        acc
+    }
+
+    /// expf: range reduction x = n ln2 + r, |r| <= ln2/2, Cephes polynomial, scale by 2^n.
+    fn exp(&mut self, x: Value) -> Value {
+        let hi = self.fconst(88.376_26);
+        let lo = self.fconst(-87.336_55);
+        let x = self.b.ins().fmin(x, hi);
+        let x = self.b.ins().fmax(x, lo);
+        let log2e = self.fconst(std::f32::consts::LOG2_E);
+        let t = self.b.ins().fmul(x, log2e);
+        let n = self.b.ins().nearest(t);
+        let c1 = self.fconst(0.693_359_4);
+        let c2 = self.fconst(-2.121_944_4e-4);
+        let a = self.b.ins().fmul(n, c1);
+        let r = self.b.ins().fsub(x, a);
+        let b2 = self.b.ins().fmul(n, c2);
+        let r = self.b.ins().fsub(r, b2);
+        let p = self.horner(
+            r,
+            &[
+                1.987_569_1e-4,
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                5.000_000_1e-1,
+            ],
+        );
+        let r2 = self.b.ins().fmul(r, r);
+        let p = self.b.ins().fmul(p, r2);
+        let p = self.b.ins().fadd(p, r);
+        let one = self.fconst(1.0);
+        let p = self.b.ins().fadd(p, one);
+        // 2^n through the exponent bits; n is in [-126, 127] after clamping.
+        let ni = self.b.ins().fcvt_to_sint_sat(types::I32, n);
+        let biased = self.b.ins().iadd_imm_s(ni, 127);
+        let bits = self.b.ins().ishl_imm_s(biased, 23);
+        let scale = self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits);
+        self.b.ins().fmul(p, scale)
+    }
+
+    /// logf (Cephes): x = m 2^e with m in [sqrt(1/2), sqrt(2)), polynomial in m - 1.
+    fn log(&mut self, x: Value) -> Value {
+        let bits = self.b.ins().bitcast(types::I32, MemFlagsData::new(), x);
+        let e = self.b.ins().ushr_imm_s(bits, 23);
+        let e = self.b.ins().band_imm_s(e, 0xff);
+        let e = self.b.ins().iadd_imm_s(e, -126);
+        let mbits = self.b.ins().band_imm_s(bits, 0x807f_ffff_u32 as i64);
+        let mbits = self.b.ins().bor_imm_s(mbits, 0x3f00_0000);
+        let m = self.b.ins().bitcast(types::F32, MemFlagsData::new(), mbits);
+        let sqrthf = self.fconst(std::f32::consts::FRAC_1_SQRT_2);
+        let small = self.b.ins().fcmp(FloatCC::LessThan, m, sqrthf);
+        let one_i = self.b.ins().iconst(types::I32, 1);
+        let zero_i = self.b.ins().iconst(types::I32, 0);
+        let dec = self.b.ins().select(small, one_i, zero_i);
+        let e = self.b.ins().isub(e, dec);
+        let m2 = self.b.ins().fadd(m, m);
+        let m = self.b.ins().select(small, m2, m);
+        let one = self.fconst(1.0);
+        let m = self.b.ins().fsub(m, one);
+        let ef = self.b.ins().fcvt_from_sint(types::F32, e);
+        let z = self.b.ins().fmul(m, m);
+        let p = self.horner(
+            m,
+            &[
+                7.037_683_6e-2,
+                -1.151_461e-1,
+                1.167_699_9e-1,
+                -1.242_014_1e-1,
+                1.424_932_3e-1,
+                -1.666_805_8e-1,
+                2.000_071_4e-1,
+                -2.499_999_4e-1,
+                3.333_333e-1,
+            ],
+        );
+        let y = self.b.ins().fmul(p, m);
+        let y = self.b.ins().fmul(y, z);
+        let c = self.fconst(-2.121_944_4e-4);
+        let t = self.b.ins().fmul(ef, c);
+        let y = self.b.ins().fadd(y, t);
+        let half = self.fconst(0.5);
+        let hz = self.b.ins().fmul(z, half);
+        let y = self.b.ins().fsub(y, hz);
+        let r = self.b.ins().fadd(m, y);
+        let c2 = self.fconst(0.693_359_4);
+        let t2 = self.b.ins().fmul(ef, c2);
+        let r = self.b.ins().fadd(r, t2);
+        // log(0) = -inf, log(x < 0) = NaN, log(inf) = inf.
+        let zero = self.fconst(0.0);
+        let ninf = self.fconst(f32::NEG_INFINITY);
+        let nan = self.fconst(f32::NAN);
+        let inf = self.fconst(f32::INFINITY);
+        let is_zero = self.b.ins().fcmp(FloatCC::Equal, x, zero);
+        let is_neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let is_inf = self.b.ins().fcmp(FloatCC::Equal, x, inf);
+        let r = self.b.ins().select(is_inf, inf, r);
+        let r = self.b.ins().select(is_zero, ninf, r);
+        self.b.ins().select(is_neg, nan, r)
+    }
+
+    /// erf, Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+    fn erf(&mut self, x: Value) -> Value {
+        let ax = self.b.ins().fabs(x);
+        let p = self.fconst(0.327_591_1);
+        let one = self.fconst(1.0);
+        let d = self.b.ins().fmul(p, ax);
+        let d = self.b.ins().fadd(one, d);
+        let t = self.b.ins().fdiv(one, d);
+        let poly = self.horner(
+            t,
+            &[
+                1.061_405_4,
+                -1.453_152_1,
+                1.421_413_8,
+                -0.284_496_72,
+                0.254_829_6,
+            ],
+        );
+        let poly = self.b.ins().fmul(poly, t);
+        let x2 = self.b.ins().fmul(ax, ax);
+        let nx2 = self.b.ins().fneg(x2);
+        let e = self.exp(nx2);
+        let pe = self.b.ins().fmul(poly, e);
+        let y = self.b.ins().fsub(one, pe);
+        // copysign(y, x)
+        let zero = self.fconst(0.0);
+        let neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let ny = self.b.ins().fneg(y);
+        self.b.ins().select(neg, ny, y)
+    }
+
+    fn stmts(&mut self, stmts: &[Stmt]) -> Result<(), CodegenError> {
+        for s in stmts {
+            match s {
+                Stmt::Assign { var, value } => {
+                    let v = self.expr(value)?;
+                    self.b.def_var(self.vars[*var], v);
+                }
+                Stmt::Store { buf, index, value } => {
+                    let v = self.expr(value)?;
+                    let addr = self.address(*buf, index)?;
+                    self.b.ins().store(flags(), v, addr, 0);
+                }
+                Stmt::Loop {
+                    var,
+                    extent,
+                    kind,
+                    body,
+                } => self.emit_loop(*var, *extent, *kind, body)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn emit_loop(
+        &mut self,
+        var: VarId,
+        extent: usize,
+        kind: LoopKind,
+        body: &[Stmt],
+    ) -> Result<(), CodegenError> {
+        let v = self.vars[var];
+        let unroll = match kind {
+            LoopKind::Unrolled(n) if n > 1 && extent % n == 0 => n,
+            _ => 1,
+        };
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(v, zero);
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let iv = self.b.use_var(v);
+        let cond = self
+            .b
+            .ins()
+            .icmp_imm_s(IntCC::SignedLessThan, iv, extent as i64);
+        self.b.ins().brif(cond, body_block, &[], exit, &[]);
+        self.b.switch_to_block(body_block);
+        let base = self.b.use_var(v);
+        for u in 0..unroll {
+            if u > 0 {
+                let next = self.b.ins().iadd_imm_s(base, u as i64);
+                self.b.def_var(v, next);
+            }
+            self.stmts(body)?;
+        }
+        let last = self.b.use_var(v);
+        let next = self.b.ins().iadd_imm_s(last, 1);
+        self.b.def_var(v, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+        Ok(())
+    }
+}
+
+fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, CodegenError> {
+    let sig = m.signature(&[m.ptr()], None);
+    let mut func = ir::Function::with_name_signature(UserFuncName::user(NS_FUNC, 0), sig);
+    let mut fctx = FunctionBuilderContext::new();
+    let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let bufs = b.block_params(entry)[0];
+    let ptrs: Vec<Value> = (0..k.params.len())
+        .map(|i| b.ins().load(types::I64, flags(), bufs, (8 * i) as i32))
+        .collect();
+    let vars: Vec<Variable> = k.vars.iter().map(|&s| b.declare_var(clty(s))).collect();
+    // Every variable starts defined (accumulators are always assigned before use; this keeps
+    // the SSA builder from seeing an undefined use on paths it cannot prove dead).
+    for (&v, &s) in vars.iter().zip(&k.vars) {
+        let z = match s {
+            Scalar::F32 => b.ins().f32const(0.0),
+            other => b.ins().iconst(clty(other), 0),
+        };
+        b.def_var(v, z);
+    }
+    let mut g = KernelGen {
+        b: &mut b,
+        k,
+        ptrs,
+        vars,
+    };
+    g.stmts(&k.body)?;
+    b.ins().return_(&[]);
+    b.seal_all_blocks();
+    b.finalize(m.isa.frontend_config());
+    Ok(func)
+}
+
+/// What the compile report needs to know about generated code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodeStats {
+    pub kernels: usize,
+    pub code_bytes: usize,
+    pub weight_bytes: usize,
+    pub workspace_bytes: u64,
+}
+
+/// Generates the artifact for a planned program. `offsets[b]` is the workspace offset of each
+/// temporary buffer (ignored for others).
+pub fn generate(
+    target: &Target,
+    p: &Program,
+    offsets: &[u64],
+    workspace: u64,
+    soname: &str,
+) -> Result<(ArtifactSpec, CodeStats), CodegenError> {
+    let (isa, arch) = make_isa(target)?;
+    let mut m = ModuleBuilder {
+        isa,
+        arch,
+        func_names: Vec::new(),
+        functions: Vec::new(),
+        data: Vec::new(),
+    };
+    // Weights first (one blob each, 64-byte aligned).
+    let mut weight_sym: Vec<Option<u32>> = vec![None; p.buffers.len()];
+    let mut weight_bytes = 0;
+    for (i, b) in p.buffers.iter().enumerate() {
+        if let BufKind::Weight(bytes) = &b.kind {
+            weight_bytes += bytes.len();
+            weight_sym[i] = Some(m.add_data(format!("kiln_w{i}"), bytes.clone(), 64));
+        }
+    }
+    // Kernels.
+    let mut kernel_ids = Vec::new();
+    for (si, s) in p.steps.iter().enumerate() {
+        let id = m.declare_function(format!("kiln_k{si}_{}", sanitize(&s.kernel.name)));
+        let f = kernel_function(&m, &s.kernel)?;
+        m.compile(id, f)?;
+        kernel_ids.push(id);
+    }
+    let code_bytes = m.functions.iter().map(|f| f.code.len()).sum();
+    abi_functions(
+        &mut m,
+        target,
+        p,
+        offsets,
+        workspace,
+        &weight_sym,
+        &kernel_ids,
+    )?;
+    let exports = ABI_EXPORTS.iter().map(|s| s.to_string()).collect();
+    let spec = ArtifactSpec {
+        arch: m.arch,
+        soname: soname.to_string(),
+        functions: m.functions,
+        rodata: m.data,
+        exports,
+    };
+    Ok((
+        spec,
+        CodeStats {
+            kernels: p.steps.len(),
+            code_bytes,
+            weight_bytes,
+            workspace_bytes: workspace,
+        },
+    ))
+}
+
+pub const ABI_EXPORTS: [&str; 11] = [
+    "kiln_abi_version",
+    "kiln_target",
+    "kiln_required_features",
+    "kiln_num_inputs",
+    "kiln_num_outputs",
+    "kiln_input_info",
+    "kiln_output_info",
+    "kiln_workspace_size",
+    "kiln_run",
+    "kiln_error_string",
+    "kiln_abi_check",
+];
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// `kiln_tensor_info` as laid out in kiln.h: i32 dtype, i32 rank, i64 dims[8], char name[].
+fn tensor_info_bytes(io: &crate::lower::IoInfo) -> Result<Vec<u8>, CodegenError> {
+    if io.shape.len() > MAX_RANK {
+        return Err(CodegenError::Kernel {
+            kernel: io.name.clone(),
+            reason: format!("rank {} exceeds KILN_MAX_RANK {MAX_RANK}", io.shape.len()),
+        });
+    }
+    let mut v = Vec::new();
+    v.extend((io.dtype.onnx_code()).to_le_bytes());
+    v.extend((io.shape.len() as i32).to_le_bytes());
+    for d in 0..MAX_RANK {
+        v.extend((io.shape.get(d).copied().unwrap_or(0) as i64).to_le_bytes());
+    }
+    v.extend(cstr(&io.name));
+    Ok(v)
+}
+
+/// Builds a function with the given signature through `body`, which returns the values to
+/// return.
+fn build(
+    m: &mut ModuleBuilder,
+    name: &str,
+    params: &[Type],
+    ret: Option<Type>,
+    body: impl FnOnce(&mut FunctionBuilder, &[Value], &mut ModuleBuilder) -> Vec<Value>,
+) -> Result<(), CodegenError> {
+    let id = m.declare_function(name);
+    let sig = m.signature(params, ret);
+    let mut func = ir::Function::with_name_signature(UserFuncName::user(NS_FUNC, id), sig);
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let args = b.block_params(entry).to_vec();
+        let rets = body(&mut b, &args, m);
+        b.ins().return_(&rets);
+        b.seal_all_blocks();
+        b.finalize(m.isa.frontend_config());
+    }
+    m.compile(id, func)
+}
+
+fn data_addr(b: &mut FunctionBuilder, sym: u32) -> Value {
+    let r = b
+        .func
+        .declare_imported_user_function(UserExternalName::new(NS_DATA, sym));
+    let gv = b.create_global_value(GlobalValueData::Symbol {
+        name: ExternalName::User(r),
+        offset: ir::immediates::Imm64::new(0),
+        colocated: true,
+        tls: false,
+    });
+    b.ins().symbol_value(types::I64, gv)
+}
+
+/// `if i == 0 return &t0; if i == 1 return &t1; ...; return NULL`.
+fn select_chain(b: &mut FunctionBuilder, i: Value, syms: &[u32]) -> Value {
+    let mut r = b.ins().iconst(types::I64, 0);
+    for (k, &s) in syms.iter().enumerate().rev() {
+        let a = data_addr(b, s);
+        let c = b.ins().icmp_imm_s(IntCC::Equal, i, k as i64);
+        r = b.ins().select(c, a, r);
+    }
+    r
+}
+
+fn abi_functions(
+    m: &mut ModuleBuilder,
+    target: &Target,
+    p: &Program,
+    offsets: &[u64],
+    workspace: u64,
+    weight_sym: &[Option<u32>],
+    kernel_ids: &[u32],
+) -> Result<(), CodegenError> {
+    let ptr = types::I64;
+    let target_sym = m.add_data("kiln_target_name", cstr(target.name), 1);
+    let feat_sym = m.add_data(
+        "kiln_features",
+        cstr(&target.required_features.join(",")),
+        1,
+    );
+    let mut in_syms = Vec::new();
+    for (i, io) in p.inputs.iter().enumerate() {
+        in_syms.push(m.add_data(format!("kiln_input_info_{i}"), tensor_info_bytes(io)?, 8));
+    }
+    let mut out_syms = Vec::new();
+    for (i, io) in p.outputs.iter().enumerate() {
+        out_syms.push(m.add_data(format!("kiln_output_info_{i}"), tensor_info_bytes(io)?, 8));
+    }
+    let msgs = [
+        "ok",
+        "bad argument: a null pointer was passed to kiln_run",
+        "host error",
+        "unknown error code",
+    ];
+    let msg_syms: Vec<u32> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| m.add_data(format!("kiln_msg_{i}"), cstr(s), 1))
+        .collect();
+
+    build(m, "kiln_abi_version", &[], Some(types::I32), |b, _, _| {
+        vec![b.ins().iconst(types::I32, 1)]
+    })?;
+    build(m, "kiln_target", &[], Some(ptr), |b, _, _| {
+        vec![data_addr(b, target_sym)]
+    })?;
+    build(m, "kiln_required_features", &[], Some(ptr), |b, _, _| {
+        vec![data_addr(b, feat_sym)]
+    })?;
+    let (ni, no) = (p.inputs.len() as i64, p.outputs.len() as i64);
+    build(m, "kiln_num_inputs", &[], Some(types::I32), |b, _, _| {
+        vec![b.ins().iconst(types::I32, ni)]
+    })?;
+    build(m, "kiln_num_outputs", &[], Some(types::I32), |b, _, _| {
+        vec![b.ins().iconst(types::I32, no)]
+    })?;
+    build(m, "kiln_input_info", &[types::I32], Some(ptr), |b, a, _| {
+        vec![select_chain(b, a[0], &in_syms)]
+    })?;
+    build(
+        m,
+        "kiln_output_info",
+        &[types::I32],
+        Some(ptr),
+        |b, a, _| vec![select_chain(b, a[0], &out_syms)],
+    )?;
+    build(
+        m,
+        "kiln_workspace_size",
+        &[],
+        Some(types::I64),
+        |b, _, _| vec![b.ins().iconst(types::I64, workspace as i64)],
+    )?;
+    build(
+        m,
+        "kiln_error_string",
+        &[types::I32],
+        Some(ptr),
+        |b, a, _| {
+            let known: Vec<u32> = msg_syms[..3].to_vec();
+            let r = select_chain(b, a[0], &known);
+            let unknown = data_addr(b, msg_syms[3]);
+            let is_null = b.ins().icmp_imm_s(IntCC::Equal, r, 0);
+            vec![b.ins().select(is_null, unknown, r)]
+        },
+    )?;
+    // kiln_abi_check: a self-test hook returning the number of kernels (lets tools tell
+    // artifacts apart without running them).
+    let nk = kernel_ids.len() as i64;
+    build(m, "kiln_abi_check", &[], Some(types::I32), |b, _, _| {
+        vec![b.ins().iconst(types::I32, nk)]
+    })?;
+
+    // kiln_run(host, inputs, outputs, workspace) -> i32
+    let kernel_sig = m.signature(&[ptr], None);
+    let steps: Vec<(u32, Vec<usize>)> = p
+        .steps
+        .iter()
+        .zip(kernel_ids)
+        .map(|(s, &id)| (id, s.args.clone()))
+        .collect();
+    let kinds: Vec<BufKind> = p
+        .buffers
+        .iter()
+        .map(|b| match &b.kind {
+            BufKind::Weight(_) => BufKind::Weight(Vec::new()),
+            k => k.clone(),
+        })
+        .collect();
+    let max_args = steps.iter().map(|s| s.1.len()).max().unwrap_or(0);
+    build(
+        m,
+        "kiln_run",
+        &[ptr, ptr, ptr, ptr],
+        Some(types::I32),
+        move |b, a, _| {
+            let (_host, inputs, outputs, ws) = (a[0], a[1], a[2], a[3]);
+            let fail = b.create_block();
+            let ok = b.create_block();
+            // Null checks.
+            let in_null = b.ins().icmp_imm_s(IntCC::Equal, inputs, 0);
+            let out_null = b.ins().icmp_imm_s(IntCC::Equal, outputs, 0);
+            let mut bad = b.ins().bor(in_null, out_null);
+            if workspace > 0 {
+                let ws_null = b.ins().icmp_imm_s(IntCC::Equal, ws, 0);
+                bad = b.ins().bor(bad, ws_null);
+            }
+            b.ins().brif(bad, fail, &[], ok, &[]);
+            b.switch_to_block(fail);
+            let one = b.ins().iconst(types::I32, 1);
+            b.ins().return_(&[one]);
+            b.switch_to_block(ok);
+            let slot = b.create_sized_stack_slot(StackSlotData::new(
+                StackSlotKind::ExplicitSlot,
+                (8 * max_args.max(1)) as u32,
+                3,
+            ));
+            let sigref = b.import_signature(kernel_sig);
+            for (id, args) in &steps {
+                for (j, &buf) in args.iter().enumerate() {
+                    let v = match &kinds[buf] {
+                        BufKind::Input(i) => {
+                            b.ins().load(types::I64, flags(), inputs, (8 * i) as i32)
+                        }
+                        BufKind::Output(i) => {
+                            b.ins().load(types::I64, flags(), outputs, (8 * i) as i32)
+                        }
+                        BufKind::Weight(_) => {
+                            data_addr(b, weight_sym[buf].expect("weights have symbols"))
+                        }
+                        BufKind::Temp => b.ins().iadd_imm_s(ws, offsets[buf] as i64),
+                    };
+                    b.ins().stack_store(types::I64, v, slot, (8 * j) as i32);
+                }
+                let r = b
+                    .func
+                    .declare_imported_user_function(UserExternalName::new(NS_FUNC, *id));
+                let fref = b.import_function(ExtFuncData {
+                    name: ExternalName::User(r),
+                    signature: sigref,
+                    colocated: true,
+                    patchable: false,
+                });
+                let addr = b.ins().stack_addr(types::I64, slot, 0);
+                b.ins().call(fref, &[addr]);
+            }
+            vec![b.ins().iconst(types::I32, 0)]
+        },
+    )?;
+    Ok(())
+}

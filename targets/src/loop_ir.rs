@@ -1,0 +1,381 @@
+//! The loop-level kernel IR: every graph op (or fused group) becomes a [`Kernel`], a loop nest
+//! over flat buffers with scalar expressions. One IR serves every backend; schedules annotate
+//! and transform loops ([`LoopKind`]) instead of forking the lowering. Buffers are referred to
+//! by their position in the kernel's parameter list; loop variables and scalar locals by
+//! [`VarId`]. The text form (`Display`) is used by snapshot tests.
+
+use std::fmt;
+
+/// Element type of buffers and expressions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    F32,
+    I32,
+    I64,
+    /// Booleans, stored as one byte (0 or 1).
+    Bool,
+}
+
+impl Scalar {
+    pub fn bytes(self) -> usize {
+        match self {
+            Scalar::F32 | Scalar::I32 => 4,
+            Scalar::I64 => 8,
+            Scalar::Bool => 1,
+        }
+    }
+}
+
+pub type VarId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Const {
+    F32(f32),
+    I64(i64),
+    I32(i32),
+    Bool(bool),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Min,
+    Max,
+    /// Integer remainder (truncating) / float fmod.
+    Rem,
+    Pow,
+    And,
+    Or,
+    Xor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    Sqrt,
+    Exp,
+    Log,
+    Tanh,
+    Erf,
+    Sigmoid,
+    Floor,
+    Ceil,
+    Not,
+    Recip,
+    Sin,
+    Cos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Const(Const),
+    Var(VarId),
+    Load {
+        buf: usize,
+        index: Box<Expr>,
+    },
+    Bin {
+        op: BinOp,
+        a: Box<Expr>,
+        b: Box<Expr>,
+    },
+    Un {
+        op: UnOp,
+        a: Box<Expr>,
+    },
+    Cmp {
+        op: CmpOp,
+        a: Box<Expr>,
+        b: Box<Expr>,
+    },
+    Select {
+        cond: Box<Expr>,
+        a: Box<Expr>,
+        b: Box<Expr>,
+    },
+    Cast {
+        to: Scalar,
+        a: Box<Expr>,
+    },
+}
+
+#[allow(clippy::should_implement_trait)]
+impl Expr {
+    pub fn f32(v: f32) -> Expr {
+        Expr::Const(Const::F32(v))
+    }
+    pub fn i64(v: i64) -> Expr {
+        Expr::Const(Const::I64(v))
+    }
+    pub fn var(v: VarId) -> Expr {
+        Expr::Var(v)
+    }
+    pub fn load(buf: usize, index: Expr) -> Expr {
+        Expr::Load {
+            buf,
+            index: Box::new(index),
+        }
+    }
+    pub fn bin(op: BinOp, a: Expr, b: Expr) -> Expr {
+        Expr::Bin {
+            op,
+            a: Box::new(a),
+            b: Box::new(b),
+        }
+    }
+    pub fn un(op: UnOp, a: Expr) -> Expr {
+        Expr::Un { op, a: Box::new(a) }
+    }
+    pub fn cmp(op: CmpOp, a: Expr, b: Expr) -> Expr {
+        Expr::Cmp {
+            op,
+            a: Box::new(a),
+            b: Box::new(b),
+        }
+    }
+    pub fn select(cond: Expr, a: Expr, b: Expr) -> Expr {
+        Expr::Select {
+            cond: Box::new(cond),
+            a: Box::new(a),
+            b: Box::new(b),
+        }
+    }
+    pub fn cast(to: Scalar, a: Expr) -> Expr {
+        Expr::Cast { to, a: Box::new(a) }
+    }
+    pub fn add(a: Expr, b: Expr) -> Expr {
+        // Fold index arithmetic with constant zero so printed kernels stay readable.
+        match (&a, &b) {
+            (Expr::Const(Const::I64(0)), _) => b,
+            (_, Expr::Const(Const::I64(0))) => a,
+            (Expr::Const(Const::I64(x)), Expr::Const(Const::I64(y))) => Expr::i64(x + y),
+            _ => Expr::bin(BinOp::Add, a, b),
+        }
+    }
+    pub fn mul(a: Expr, b: Expr) -> Expr {
+        match (&a, &b) {
+            (Expr::Const(Const::I64(0)), _) | (_, Expr::Const(Const::I64(0))) => Expr::i64(0),
+            (Expr::Const(Const::I64(1)), _) => b,
+            (_, Expr::Const(Const::I64(1))) => a,
+            (Expr::Const(Const::I64(x)), Expr::Const(Const::I64(y))) => Expr::i64(x * y),
+            _ => Expr::bin(BinOp::Mul, a, b),
+        }
+    }
+    pub fn sub(a: Expr, b: Expr) -> Expr {
+        Expr::bin(BinOp::Sub, a, b)
+    }
+    pub fn div(a: Expr, b: Expr) -> Expr {
+        Expr::bin(BinOp::Div, a, b)
+    }
+    pub fn max(a: Expr, b: Expr) -> Expr {
+        Expr::bin(BinOp::Max, a, b)
+    }
+    pub fn min(a: Expr, b: Expr) -> Expr {
+        Expr::bin(BinOp::Min, a, b)
+    }
+
+    /// Replaces every use of variable `v` by `with`.
+    pub fn substitute(&self, v: VarId, with: &Expr) -> Expr {
+        match self {
+            Expr::Var(x) if *x == v => with.clone(),
+            Expr::Const(_) | Expr::Var(_) => self.clone(),
+            Expr::Load { buf, index } => Expr::load(*buf, index.substitute(v, with)),
+            Expr::Bin { op, a, b } => Expr::bin(*op, a.substitute(v, with), b.substitute(v, with)),
+            Expr::Un { op, a } => Expr::un(*op, a.substitute(v, with)),
+            Expr::Cmp { op, a, b } => Expr::cmp(*op, a.substitute(v, with), b.substitute(v, with)),
+            Expr::Select { cond, a, b } => Expr::select(
+                cond.substitute(v, with),
+                a.substitute(v, with),
+                b.substitute(v, with),
+            ),
+            Expr::Cast { to, a } => Expr::cast(*to, a.substitute(v, with)),
+        }
+    }
+}
+
+/// How a loop is executed, set by schedules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopKind {
+    Serial,
+    /// The body is replicated this many times per iteration (extent is a multiple).
+    Unrolled(usize),
+    /// Iterations are split over the runtime's threads (outermost loop only).
+    Parallel,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Loop {
+        var: VarId,
+        extent: usize,
+        kind: LoopKind,
+        body: Vec<Stmt>,
+    },
+    Store {
+        buf: usize,
+        index: Expr,
+        value: Expr,
+    },
+    /// Assigns a scalar local (accumulators, temporaries).
+    Assign { var: VarId, value: Expr },
+}
+
+/// A buffer parameter of a kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub scalar: Scalar,
+    pub len: usize,
+    pub writes: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub params: Vec<Param>,
+    /// Type of every variable; loop variables are `I64`.
+    pub vars: Vec<Scalar>,
+    pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    pub fn new(name: impl Into<String>) -> Kernel {
+        Kernel {
+            name: name.into(),
+            params: Vec::new(),
+            vars: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    pub fn param(
+        &mut self,
+        name: impl Into<String>,
+        scalar: Scalar,
+        len: usize,
+        writes: bool,
+    ) -> usize {
+        self.params.push(Param {
+            name: name.into(),
+            scalar,
+            len,
+            writes,
+        });
+        self.params.len() - 1
+    }
+
+    pub fn new_var(&mut self, s: Scalar) -> VarId {
+        self.vars.push(s);
+        self.vars.len() - 1
+    }
+}
+
+/// Builds nested loops over `extents`, returning the loop variables and a closure-free way to
+/// put the body in: `nest(k, &[2,3], |vars| body)`.
+pub fn nest(
+    k: &mut Kernel,
+    extents: &[usize],
+    body: impl FnOnce(&mut Kernel, &[VarId]) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let vars: Vec<VarId> = extents.iter().map(|_| k.new_var(Scalar::I64)).collect();
+    let mut stmts = body(k, &vars);
+    for (d, &e) in extents.iter().enumerate().rev() {
+        stmts = vec![Stmt::Loop {
+            var: vars[d],
+            extent: e,
+            kind: LoopKind::Serial,
+            body: stmts,
+        }];
+    }
+    stmts
+}
+
+/// Flat row-major index `sum(vars[d] * strides[d]) + offset`.
+pub fn index(vars: &[VarId], strides: &[usize], offset: usize) -> Expr {
+    let mut e = Expr::i64(offset as i64);
+    for (&v, &s) in vars.iter().zip(strides) {
+        if s != 0 {
+            e = Expr::add(e, Expr::mul(Expr::var(v), Expr::i64(s as i64)));
+        }
+    }
+    e
+}
+
+// ---- text form
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Const(Const::F32(v)) => write!(f, "{v:?}f"),
+            Expr::Const(Const::I64(v)) => write!(f, "{v}"),
+            Expr::Const(Const::I32(v)) => write!(f, "{v}i32"),
+            Expr::Const(Const::Bool(v)) => write!(f, "{v}"),
+            Expr::Var(v) => write!(f, "v{v}"),
+            Expr::Load { buf, index } => write!(f, "b{buf}[{index}]"),
+            Expr::Bin { op, a, b } => write!(f, "{op:?}({a}, {b})"),
+            Expr::Un { op, a } => write!(f, "{op:?}({a})"),
+            Expr::Cmp { op, a, b } => write!(f, "{op:?}({a}, {b})"),
+            Expr::Select { cond, a, b } => write!(f, "select({cond}, {a}, {b})"),
+            Expr::Cast { to, a } => write!(f, "cast<{to:?}>({a})"),
+        }
+    }
+}
+
+fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt::Result {
+    let pad = "  ".repeat(depth);
+    for s in stmts {
+        match s {
+            Stmt::Loop {
+                var,
+                extent,
+                kind,
+                body,
+            } => {
+                let k = match kind {
+                    LoopKind::Serial => String::new(),
+                    LoopKind::Unrolled(n) => format!(" unroll({n})"),
+                    LoopKind::Parallel => " parallel".into(),
+                };
+                writeln!(f, "{pad}for v{var} in 0..{extent}{k} {{")?;
+                write_stmts(f, body, depth + 1)?;
+                writeln!(f, "{pad}}}")?;
+            }
+            Stmt::Store { buf, index, value } => writeln!(f, "{pad}b{buf}[{index}] = {value}")?,
+            Stmt::Assign { var, value } => writeln!(f, "{pad}v{var} = {value}")?,
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernel {}(", self.name)?;
+        for (i, p) in self.params.iter().enumerate() {
+            writeln!(
+                f,
+                "  b{i}: {}{:?}[{}] {}",
+                if p.writes { "out " } else { "" },
+                p.scalar,
+                p.len,
+                p.name
+            )?;
+        }
+        writeln!(f, ") {{")?;
+        write_stmts(f, &self.body, 1)?;
+        writeln!(f, "}}")
+    }
+}
