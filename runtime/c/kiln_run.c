@@ -197,9 +197,9 @@ static void check_target_and_features(const char *path, const char *target,
 }
 
 /* dlopen's message for an artifact of another architecture is obscure; say it plainly. */
-static void check_elf_machine(const char *path) {
+static void check_elf_machine(const char *file, const char *path) {
     unsigned char h[20];
-    FILE *f = fopen(path, "rb");
+    FILE *f = fopen(file, "rb");
     size_t got;
     if (!f) die(EXIT_ERROR, "cannot open %s: %s", path, strerror(errno));
     got = fread(h, 1, sizeof h, f);
@@ -474,7 +474,7 @@ int main(int argc, char **argv) {
     if (snprintf(path, sizeof path, "%s%s", strchr(model, '/') ? "" : "./", model) >=
         (int)sizeof path)
         die(EXIT_ERROR, "path too long: %s", model);
-    check_elf_machine(path);
+    check_elf_machine(path, model);
     lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) die(EXIT_ERROR, "cannot load %s: %s", model, dlerror());
     load_symbols(lib, model, &a);

@@ -91,7 +91,11 @@ impl Symbols {
             name: &'static str,
         ) -> Result<T, (&'static str, libloading::Error)> {
             // SAFETY: the caller promises the symbol has type T (see `resolve`).
-            unsafe { lib.get::<T>(name.as_bytes()).map(|s| *s).map_err(|e| (name, e)) }
+            unsafe {
+                lib.get::<T>(name.as_bytes())
+                    .map(|s| *s)
+                    .map_err(|e| (name, e))
+            }
         }
         // SAFETY: forwarded from the caller.
         unsafe {
@@ -121,7 +125,10 @@ mod tests {
     fn symbols_and_layouts_match_header() {
         let h = include_str!("../include/kiln.h");
         for name in SYMBOL_NAMES {
-            assert!(h.contains(&format!("{name}(")), "{name} not declared in kiln.h");
+            assert!(
+                h.contains(&format!("{name}(")),
+                "{name} not declared in kiln.h"
+            );
         }
         if cfg!(target_pointer_width = "64") {
             assert_eq!(std::mem::size_of::<RawTensorInfo>(), 24);

@@ -154,14 +154,24 @@ pub fn parse_features(list: &str) -> Vec<String> {
 }
 
 /// The architecture a target runs on and the features its name implies.
-fn target_arch_and_features(target: &str) -> Result<(&'static str, &'static [&'static str]), Incompatible> {
+fn target_arch_and_features(
+    target: &str,
+) -> Result<(&'static str, &'static [&'static str]), Incompatible> {
     Ok(match target {
         "x86_64" => ("x86_64", &[]),
         "aarch64-neon" => ("aarch64", &["neon"]),
         "aarch64-neon-dotprod" => ("aarch64", &["neon", "dotprod"]),
         "aarch64-sve" => ("aarch64", &["sve"]),
-        t if t.starts_with("cuda-") => return Err(Incompatible::Cuda { target: t.to_string() }),
-        t => return Err(Incompatible::UnknownTarget { target: t.to_string() }),
+        t if t.starts_with("cuda-") => {
+            return Err(Incompatible::Cuda {
+                target: t.to_string(),
+            })
+        }
+        t => {
+            return Err(Incompatible::UnknownTarget {
+                target: t.to_string(),
+            })
+        }
     })
 }
 
@@ -172,17 +182,28 @@ pub fn check_compatible(target: &str, features: &[String]) -> Result<(), Incompa
     let (arch, implied) = target_arch_and_features(target)?;
     let host = host_arch();
     if arch != host {
-        return Err(Incompatible::WrongTarget { target: target.to_string(), host });
+        return Err(Incompatible::WrongTarget {
+            target: target.to_string(),
+            host,
+        });
     }
-    let required = features.iter().map(String::as_str).chain(implied.iter().copied());
+    let required = features
+        .iter()
+        .map(String::as_str)
+        .chain(implied.iter().copied());
     for feature in required {
         match feature_status(feature) {
             FeatureStatus::Present => {}
             FeatureStatus::Absent => {
-                return Err(Incompatible::MissingFeature { feature: feature.to_string(), host })
+                return Err(Incompatible::MissingFeature {
+                    feature: feature.to_string(),
+                    host,
+                })
             }
             FeatureStatus::Unknown => {
-                return Err(Incompatible::UnknownFeature { feature: feature.to_string() })
+                return Err(Incompatible::UnknownFeature {
+                    feature: feature.to_string(),
+                })
             }
         }
     }
@@ -196,7 +217,10 @@ mod tests {
     #[test]
     fn features_parse() {
         assert_eq!(parse_features(""), Vec::<String>::new());
-        assert_eq!(parse_features(" neon, dotprod,,neon "), vec!["neon", "dotprod"]);
+        assert_eq!(
+            parse_features(" neon, dotprod,,neon "),
+            vec!["neon", "dotprod"]
+        );
     }
 
     #[test]
@@ -216,7 +240,9 @@ mod tests {
             (good, "frobnicate", "unknown CPU feature \"frobnicate\""),
         ];
         for (target, features, want) in cases {
-            let err = check_compatible(target, &f(features)).expect_err(target).to_string();
+            let err = check_compatible(target, &f(features))
+                .expect_err(target)
+                .to_string();
             assert!(err.contains(want), "{target}/{features}: {err}");
         }
     }

@@ -31,6 +31,16 @@ pub mod status {
 
 #[cfg(test)]
 mod tests {
+    /// Apps may load a model once and run sessions on several threads.
+    #[test]
+    fn thread_safety() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<super::Model>();
+        send_sync::<super::ThreadPool>();
+        send::<super::Session<'static>>();
+    }
+
     /// The Rust constants and the C header must agree.
     #[test]
     fn header_matches_constants() {

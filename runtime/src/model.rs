@@ -21,19 +21,37 @@ const MAX_RANK: i32 = 64;
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error("cannot read artifact {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("artifact {path} is an ELF file for {elf_arch}, but this host is {host}")]
-    WrongArchitecture { path: PathBuf, elf_arch: String, host: &'static str },
+    WrongArchitecture {
+        path: PathBuf,
+        elf_arch: String,
+        host: &'static str,
+    },
     #[error("cannot load artifact {path}: {source}")]
-    Open { path: PathBuf, source: libloading::Error },
+    Open {
+        path: PathBuf,
+        source: libloading::Error,
+    },
     #[error("{path} is not a Kiln artifact: it does not export `{symbol}` ({source})")]
-    MissingSymbol { path: PathBuf, symbol: &'static str, source: libloading::Error },
+    MissingSymbol {
+        path: PathBuf,
+        symbol: &'static str,
+        source: libloading::Error,
+    },
     #[error(
         "artifact {path} has ABI version {found}, but this runtime expects {expected}; \
          rebuild it with a matching Kiln version"
     )]
-    AbiVersion { path: PathBuf, found: u32, expected: u32 },
-    #[error("artifact {path} cannot run here: {source}")]
+    AbiVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path} cannot run here: {source}")]
     Incompatible { path: PathBuf, source: Incompatible },
     #[error("artifact {path} is malformed: {what}")]
     Malformed { path: PathBuf, what: String },
@@ -76,37 +94,66 @@ impl Model {
     pub fn load(path: impl AsRef<Path>) -> Result<Model, LoadError> {
         let path = path.as_ref().to_path_buf();
         let header = read_header(&path)?;
-        let library = open(&path).map_err(|source| {
-            match elf_arch_mismatch(&header) {
-                Some(elf_arch) => {
-                    LoadError::WrongArchitecture { path: path.clone(), elf_arch, host: cpu::host_arch() }
-                }
-                None => LoadError::Open { path: path.clone(), source },
-            }
+        let library = open(&path).map_err(|source| match elf_arch_mismatch(&header) {
+            Some(elf_arch) => LoadError::WrongArchitecture {
+                path: path.clone(),
+                elf_arch,
+                host: cpu::host_arch(),
+            },
+            None => LoadError::Open {
+                path: path.clone(),
+                source,
+            },
         })?;
         // SAFETY: the caller hands us a Kiln artifact (see the doc comment); symbols found
         // under the ABI's names have the header's signatures.
         let symbols = unsafe { Symbols::resolve(&library) }.map_err(|(symbol, source)| {
-            LoadError::MissingSymbol { path: path.clone(), symbol, source }
+            LoadError::MissingSymbol {
+                path: path.clone(),
+                symbol,
+                source,
+            }
         })?;
-        let malformed = |what: String| LoadError::Malformed { path: path.clone(), what };
+        let malformed = |what: String| LoadError::Malformed {
+            path: path.clone(),
+            what,
+        };
 
         // SAFETY (all calls below): the getters take no pointers and have no preconditions.
         let found = unsafe { (symbols.abi_version)() };
         if found != ABI_VERSION {
-            return Err(LoadError::AbiVersion { path, found, expected: ABI_VERSION });
+            return Err(LoadError::AbiVersion {
+                path,
+                found,
+                expected: ABI_VERSION,
+            });
         }
         let target = c_string(unsafe { (symbols.target)() }, "kiln_target()").map_err(malformed)?;
-        let features = c_string(unsafe { (symbols.required_features)() }, "kiln_required_features()")
-            .map_err(malformed)?;
+        let features = c_string(
+            unsafe { (symbols.required_features)() },
+            "kiln_required_features()",
+        )
+        .map_err(malformed)?;
         let required_features = cpu::parse_features(&features);
-        cpu::check_compatible(&target, &required_features)
-            .map_err(|source| LoadError::Incompatible { path: path.clone(), source })?;
+        cpu::check_compatible(&target, &required_features).map_err(|source| {
+            LoadError::Incompatible {
+                path: path.clone(),
+                source,
+            }
+        })?;
 
-        let inputs = read_infos(unsafe { (symbols.num_inputs)() }, symbols.input_info, "input")
-            .map_err(malformed)?;
-        let outputs = read_infos(unsafe { (symbols.num_outputs)() }, symbols.output_info, "output")
-            .map_err(malformed)?;
+        let inputs = read_infos(
+            unsafe { (symbols.num_inputs)() },
+            symbols.input_info,
+            "input",
+        )
+        .map_err(malformed)?;
+        let outputs = read_infos(
+            unsafe { (symbols.num_outputs)() },
+            symbols.output_info,
+            "output",
+        )
+        .map_err(malformed)?;
         let sizes = |infos: &[TensorInfo], kind: &str| -> Result<Vec<usize>, LoadError> {
             infos
                 .iter()
@@ -188,9 +235,16 @@ impl Model {
 /// (dlopen's message is vaguer), and the ELF header for the architecture check.
 fn read_header(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
-    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut header = Vec::with_capacity(64);
-    std::fs::File::open(path).map_err(io)?.take(64).read_to_end(&mut header).map_err(io)?;
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(64)
+        .read_to_end(&mut header)
+        .map_err(io)?;
     Ok(header)
 }
 
@@ -215,11 +269,7 @@ fn elf_arch_mismatch(header: &[u8]) -> Option<String> {
 /// middle of a run. A bare file name is made relative ("./x.so"): dlopen would otherwise
 /// search the library path instead of the current directory.
 fn open(path: &Path) -> Result<libloading::Library, libloading::Error> {
-    let path: PathBuf = if path.is_relative() && path.parent() == Some(Path::new("")) {
-        Path::new(".").join(path)
-    } else {
-        path.to_path_buf()
-    };
+    let path = dlopen_path(path);
     #[cfg(unix)]
     {
         use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -233,6 +283,15 @@ fn open(path: &Path) -> Result<libloading::Library, libloading::Error> {
     }
 }
 
+/// `path`, with "./" in front of a bare file name.
+fn dlopen_path(path: &Path) -> PathBuf {
+    if path.is_relative() && path.parent() == Some(Path::new("")) {
+        Path::new(".").join(path)
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// Copies a NUL-terminated UTF-8 string returned by the artifact.
 fn c_string(ptr: *const c_char, what: &str) -> Result<String, String> {
     if ptr.is_null() {
@@ -241,7 +300,9 @@ fn c_string(ptr: *const c_char, what: &str) -> Result<String, String> {
     // SAFETY: non-null; the ABI promises a NUL-terminated string that lives as long as the
     // library.
     let s = unsafe { CStr::from_ptr(ptr) };
-    s.to_str().map(str::to_string).map_err(|_| format!("{what} is not valid UTF-8: {s:?}"))
+    s.to_str()
+        .map(str::to_string)
+        .map_err(|_| format!("{what} is not valid UTF-8: {s:?}"))
 }
 
 /// Copies `count` tensor infos out of the artifact.
@@ -269,15 +330,24 @@ fn read_infos(
             let dims = if raw.rank == 0 {
                 Vec::new()
             } else if raw.dims.is_null() {
-                return Err(format!("{kind} {i} ({name}) has rank {} but no dims", raw.rank));
+                return Err(format!(
+                    "{kind} {i} ({name}) has rank {} but no dims",
+                    raw.rank
+                ));
             } else {
                 // SAFETY: non-null, `rank` entries, static in the artifact.
                 unsafe { std::slice::from_raw_parts(raw.dims, raw.rank as usize) }.to_vec()
             };
             if let Some(d) = dims.iter().find(|&&d| d < 0) {
-                return Err(format!("{kind} {i} ({name}) has a negative dim {d} in {dims:?}"));
+                return Err(format!(
+                    "{kind} {i} ({name}) has a negative dim {d} in {dims:?}"
+                ));
             }
-            Ok(TensorInfo { name, dtype: raw.dtype, dims })
+            Ok(TensorInfo {
+                name,
+                dtype: raw.dtype,
+                dims,
+            })
         })
         .collect()
 }
@@ -292,19 +362,43 @@ mod tests {
         h[..4].copy_from_slice(b"\x7fELF");
         h[4] = 2;
         h[5] = 1;
-        let other: u16 = if cfg!(target_arch = "x86_64") { 183 } else { 62 };
+        let other: u16 = if cfg!(target_arch = "x86_64") {
+            183
+        } else {
+            62
+        };
         h[18..20].copy_from_slice(&other.to_le_bytes());
         assert!(elf_arch_mismatch(&h).is_some());
-        let own: u16 = if cfg!(target_arch = "x86_64") { 62 } else { 183 };
+        let own: u16 = if cfg!(target_arch = "x86_64") {
+            62
+        } else {
+            183
+        };
         h[18..20].copy_from_slice(&own.to_le_bytes());
         assert_eq!(elf_arch_mismatch(&h), None);
         assert_eq!(elf_arch_mismatch(b"not an elf file at all"), None);
     }
 
     #[test]
+    fn bare_names_are_made_relative() {
+        let cases = [
+            ("model.so", "./model.so"),
+            ("./model.so", "./model.so"),
+            ("out/model.so", "out/model.so"),
+            ("/abs/model.so", "/abs/model.so"),
+        ];
+        for (given, want) in cases {
+            assert_eq!(dlopen_path(Path::new(given)), Path::new(want), "{given}");
+        }
+    }
+
+    #[test]
     fn missing_file_is_io_error() {
         let err = Model::load("/nonexistent/kiln/model.so").expect_err("must fail");
         assert!(matches!(err, LoadError::Io { .. }), "{err}");
-        assert!(err.to_string().contains("/nonexistent/kiln/model.so"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/kiln/model.so"),
+            "{err}"
+        );
     }
 }

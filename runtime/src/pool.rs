@@ -1,17 +1,20 @@
 //! The thread pool behind `kiln_host.parallel_for`: [`ThreadPool`] keeps `threads - 1`
-//! sleeping std threads and a one-job slot guarded by a Mutex/Condvar; a call publishes the
-//! job, the calling thread works on it too, tasks are claimed one index at a time from an
-//! atomic counter, and the call returns when every index has run and every worker has let go
-//! of the job. One thread runs everything inline; a nested or concurrent call (a task calling
-//! `parallel_for` again) also runs inline instead of deadlocking. [`host_parallel_for`] is the
-//! `extern "C"` entry point artifacts call; it never lets a panic unwind into C and records
-//! misuse (a NULL task) so that the session can report it after `kiln_run` returns.
+//! std threads and a one-job slot guarded by a Mutex/Condvar; a call publishes the job, the
+//! calling thread works on it too, tasks are claimed one index at a time from an atomic
+//! counter, and the call returns when every index has run and every worker has let go of the
+//! job. Idle workers spin for up to 100 us before sleeping (when the pool does not have more
+//! threads than cores), so that back-to-back calls do not pay a wake-up each. One thread
+//! runs everything inline; a nested or concurrent call (a task calling `parallel_for` again)
+//! also runs inline instead of deadlocking. [`host_parallel_for`] is the `extern "C"` entry
+//! point artifacts call; it never lets a panic unwind into C and records misuse (a NULL
+//! task) so that the session can report it after `kiln_run` returns.
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::abi::TaskFn;
 
@@ -34,6 +37,13 @@ struct Shared {
     done: Condvar,
     /// The next task index to claim.
     next: AtomicI64,
+    /// Copies of `State::generation` and `State::active`, read without the lock while
+    /// spinning; the lock-protected fields decide.
+    generation: AtomicU64,
+    active: AtomicUsize,
+    shutdown: AtomicBool,
+    /// How long an idle worker (or a caller waiting for workers) spins before sleeping.
+    spin: Duration,
 }
 
 struct State {
@@ -41,6 +51,10 @@ struct State {
     generation: u64,
     /// Workers currently inside the published job.
     active: usize,
+    /// Workers asleep on `work`.
+    sleepers: usize,
+    /// The caller is asleep on `done`.
+    caller_waiting: bool,
     shutdown: bool,
 }
 
@@ -55,9 +69,38 @@ struct Job {
 // that call's contract (kiln.h) is that `task(ctx, i)` may run on any thread.
 unsafe impl Send for Job {}
 
+/// Spin time before sleeping, when every thread of the pool has a core of its own. Calls
+/// inside one `kiln_run` follow each other closely; a sleeping worker takes tens of
+/// microseconds (on a busy machine, much more) to wake up, which would eat the parallel
+/// speed-up of a 10-100 us call.
+const SPIN: Duration = Duration::from_micros(100);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The state stays consistent even if a holder panicked: every update is a single store.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Spins until `done()` or until `limit` has passed.
+fn spin_until(limit: Duration, done: impl Fn() -> bool) {
+    if limit.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if done() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= limit {
+            return;
+        }
+    }
 }
 
 /// Claims and runs task indices until none are left.
@@ -74,24 +117,37 @@ fn run_tasks(next: &AtomicI64, job: Job) {
 
 fn worker(shared: Arc<Shared>) {
     let mut seen = 0u64;
-    let mut st = lock(&shared.state);
     loop {
-        if st.shutdown {
-            return;
-        }
-        match st.job {
-            Some(job) if st.generation != seen => {
-                seen = st.generation;
-                st.active += 1;
-                drop(st);
-                run_tasks(&shared.next, job);
-                st = lock(&shared.state);
-                st.active -= 1;
-                if st.active == 0 {
-                    shared.done.notify_one();
+        spin_until(shared.spin, || {
+            shared.generation.load(Ordering::Acquire) != seen
+                || shared.shutdown.load(Ordering::Relaxed)
+        });
+        let job = {
+            let mut st = lock(&shared.state);
+            loop {
+                if st.shutdown {
+                    return;
                 }
+                if st.generation != seen {
+                    seen = st.generation;
+                    if let Some(job) = st.job {
+                        st.active += 1;
+                        shared.active.store(st.active, Ordering::Release);
+                        break job;
+                    }
+                    continue; // that job is already over: wait for the next one
+                }
+                st.sleepers += 1;
+                st = wait(&shared.work, st);
+                st.sleepers -= 1;
             }
-            _ => st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
+        run_tasks(&shared.next, job);
+        let mut st = lock(&shared.state);
+        st.active -= 1;
+        shared.active.store(st.active, Ordering::Release);
+        if st.active == 0 && st.caller_waiting {
+            shared.done.notify_one();
         }
     }
 }
@@ -104,9 +160,16 @@ impl Drop for Publication<'_> {
     fn drop(&mut self) {
         let shared = &self.0.shared;
         let mut st = lock(&shared.state);
-        st.job = None;
-        while st.active > 0 {
-            st = shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.job = None; // from here on no worker joins, so `active` only goes down
+        if st.active > 0 {
+            drop(st);
+            spin_until(shared.spin, || shared.active.load(Ordering::Acquire) == 0);
+            st = lock(&shared.state);
+            st.caller_waiting = true;
+            while st.active > 0 {
+                st = wait(&shared.done, st);
+            }
+            st.caller_waiting = false;
         }
         drop(st);
         self.0.busy.store(false, Ordering::Release);
@@ -117,17 +180,32 @@ impl ThreadPool {
     /// A pool of `threads` threads in all, the caller's included (`threads - 1` are spawned).
     /// `0` means one per available core.
     pub fn new(threads: usize) -> std::io::Result<ThreadPool> {
-        let threads = match threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            t => t,
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = if threads == 0 { cores } else { threads };
+        // Spinning only pays when no thread has to wait for a core held by a spinner.
+        let spin = if threads <= cores {
+            SPIN
+        } else {
+            Duration::ZERO
         };
         let mut pool = ThreadPool {
             threads,
             shared: Arc::new(Shared {
-                state: Mutex::new(State { job: None, generation: 0, active: 0, shutdown: false }),
+                state: Mutex::new(State {
+                    job: None,
+                    generation: 0,
+                    active: 0,
+                    sleepers: 0,
+                    caller_waiting: false,
+                    shutdown: false,
+                }),
                 work: Condvar::new(),
                 done: Condvar::new(),
                 next: AtomicI64::new(0),
+                generation: AtomicU64::new(0),
+                active: AtomicUsize::new(0),
+                shutdown: AtomicBool::new(false),
+                spin,
             }),
             workers: Vec::with_capacity(threads - 1),
             busy: AtomicBool::new(false),
@@ -168,7 +246,10 @@ impl ThreadPool {
             (0..n).for_each(f); // more tasks than the ABI can count: run them here
             return;
         };
-        let ctx = Ctx { f: &f, panicked: AtomicBool::new(false) };
+        let ctx = Ctx {
+            f: &f,
+            panicked: AtomicBool::new(false),
+        };
         // SAFETY: `call::<F>` with `&ctx` is valid for every i in [0, n) on any thread
         // (F: Sync), and ctx outlives the call.
         unsafe { self.parallel_for_raw(n64, call::<F>, &ctx as *const Ctx<'_, F> as *mut c_void) };
@@ -199,8 +280,13 @@ impl ThreadPool {
             self.shared.next.store(0, Ordering::Relaxed);
             st.job = Some(job);
             st.generation = st.generation.wrapping_add(1);
+            self.shared
+                .generation
+                .store(st.generation, Ordering::Release);
+            if st.sleepers > 0 {
+                self.shared.work.notify_all();
+            }
         }
-        self.shared.work.notify_all();
         run_tasks(&self.shared.next, job);
         drop(publication);
     }
@@ -219,6 +305,7 @@ impl ThreadPool {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         lock(&self.shared.state).shutdown = true;
+        self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.work.notify_all();
         for w in self.workers.drain(..) {
             // A worker cannot panic (it runs only C tasks and poison-tolerant locking); if it
@@ -230,7 +317,9 @@ impl Drop for ThreadPool {
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThreadPool").field("threads", &self.threads).finish_non_exhaustive()
+        f.debug_struct("ThreadPool")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
     }
 }
 

@@ -28,7 +28,10 @@ pub enum SessionError {
     #[error("cannot allocate the {size}-byte workspace of {path}")]
     Workspace { path: PathBuf, size: u64 },
     #[error("cannot start {threads} worker threads: {source}")]
-    Threads { threads: usize, source: std::io::Error },
+    Threads {
+        threads: usize,
+        source: std::io::Error,
+    },
 }
 
 /// Why a run failed.
@@ -39,9 +42,19 @@ pub enum RunError {
     #[error("the model takes {expected} output buffer(s), got {actual}")]
     OutputCount { expected: usize, actual: usize },
     #[error("input {index} ({tensor}) needs a buffer of {expected} bytes, got {actual}")]
-    InputSize { index: usize, tensor: String, expected: usize, actual: usize },
+    InputSize {
+        index: usize,
+        tensor: String,
+        expected: usize,
+        actual: usize,
+    },
     #[error("output {index} ({tensor}) needs a buffer of {expected} bytes, got {actual}")]
-    OutputSize { index: usize, tensor: String, expected: usize, actual: usize },
+    OutputSize {
+        index: usize,
+        tensor: String,
+        expected: usize,
+        actual: usize,
+    },
     #[error("kiln_run failed with status {code}: {message}")]
     Kernel { code: i32, message: String },
     #[error("kiln_run misused the host table: {message}")]
@@ -99,11 +112,17 @@ impl<'m> Session<'m> {
     /// of them; `1` runs everything inline on the caller, `0` means one per available core).
     pub fn new(model: &'m Model, threads: usize) -> Result<Session<'m>, SessionError> {
         let size = model.workspace_size();
-        let workspace = Workspace::new(size)
-            .ok_or_else(|| SessionError::Workspace { path: model.path().to_path_buf(), size })?;
+        let workspace = Workspace::new(size).ok_or_else(|| SessionError::Workspace {
+            path: model.path().to_path_buf(),
+            size,
+        })?;
         let pool =
             ThreadPool::new(threads).map_err(|source| SessionError::Threads { threads, source })?;
-        Ok(Session { model, workspace, pool })
+        Ok(Session {
+            model,
+            workspace,
+            pool,
+        })
     }
 
     /// The model this session runs.
@@ -121,31 +140,57 @@ impl<'m> Session<'m> {
     /// in the machine's byte order. Buffers need no particular alignment.
     pub fn run(&mut self, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<(), RunError> {
         let model = self.model;
-        check_buffers(model.inputs(), model.input_sizes(), inputs.iter().map(|b| b.len()))
-            .map_err(|e| match e {
-                BufferError::Count { expected, actual } => RunError::InputCount { expected, actual },
-                BufferError::Size { index, tensor, expected, actual } => {
-                    RunError::InputSize { index, tensor, expected, actual }
-                }
-            })?;
-        check_buffers(model.outputs(), model.output_sizes(), outputs.iter().map(|b| b.len()))
-            .map_err(|e| match e {
-                BufferError::Count { expected, actual } => {
-                    RunError::OutputCount { expected, actual }
-                }
-                BufferError::Size { index, tensor, expected, actual } => {
-                    RunError::OutputSize { index, tensor, expected, actual }
-                }
-            })?;
+        check_buffers(
+            model.inputs(),
+            model.input_sizes(),
+            inputs.iter().map(|b| b.len()),
+        )
+        .map_err(|e| match e {
+            BufferError::Count { expected, actual } => RunError::InputCount { expected, actual },
+            BufferError::Size {
+                index,
+                tensor,
+                expected,
+                actual,
+            } => RunError::InputSize {
+                index,
+                tensor,
+                expected,
+                actual,
+            },
+        })?;
+        check_buffers(
+            model.outputs(),
+            model.output_sizes(),
+            outputs.iter().map(|b| b.len()),
+        )
+        .map_err(|e| match e {
+            BufferError::Count { expected, actual } => RunError::OutputCount { expected, actual },
+            BufferError::Size {
+                index,
+                tensor,
+                expected,
+                actual,
+            } => RunError::OutputSize {
+                index,
+                tensor,
+                expected,
+                actual,
+            },
+        })?;
 
         let input_ptrs: Vec<*const c_void> =
             inputs.iter().map(|b| b.as_ptr().cast::<c_void>()).collect();
-        let output_ptrs: Vec<*mut c_void> =
-            outputs.iter_mut().map(|b| b.as_mut_ptr().cast::<c_void>()).collect();
+        let output_ptrs: Vec<*mut c_void> = outputs
+            .iter_mut()
+            .map(|b| b.as_mut_ptr().cast::<c_void>())
+            .collect();
         let host = RawHost {
             abi_version: ABI_VERSION,
             num_threads: i32::try_from(self.pool.threads()).unwrap_or(i32::MAX),
-            user: (&self.pool as *const ThreadPool).cast_mut().cast::<c_void>(),
+            user: (&self.pool as *const ThreadPool)
+                .cast_mut()
+                .cast::<c_void>(),
             parallel_for: Some(host_parallel_for),
         };
         let symbols = model.symbols();
@@ -173,7 +218,9 @@ impl<'m> Session<'m> {
                 "(the artifact gives no message for this status)".to_string()
             } else {
                 // SAFETY: non-null, NUL-terminated, static in the artifact.
-                unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+                unsafe { CStr::from_ptr(ptr) }
+                    .to_string_lossy()
+                    .into_owned()
             };
             return Err(RunError::Kernel { code, message });
         }
@@ -182,8 +229,16 @@ impl<'m> Session<'m> {
 }
 
 enum BufferError {
-    Count { expected: usize, actual: usize },
-    Size { index: usize, tensor: String, expected: usize, actual: usize },
+    Count {
+        expected: usize,
+        actual: usize,
+    },
+    Size {
+        index: usize,
+        tensor: String,
+        expected: usize,
+        actual: usize,
+    },
 }
 
 fn check_buffers(
@@ -192,11 +247,19 @@ fn check_buffers(
     lens: impl ExactSizeIterator<Item = usize>,
 ) -> Result<(), BufferError> {
     if lens.len() != sizes.len() {
-        return Err(BufferError::Count { expected: sizes.len(), actual: lens.len() });
+        return Err(BufferError::Count {
+            expected: sizes.len(),
+            actual: lens.len(),
+        });
     }
     for (index, ((info, &expected), actual)) in infos.iter().zip(sizes).zip(lens).enumerate() {
         if actual != expected {
-            return Err(BufferError::Size { index, tensor: info.to_string(), expected, actual });
+            return Err(BufferError::Size {
+                index,
+                tensor: info.to_string(),
+                expected,
+                actual,
+            });
         }
     }
     Ok(())

@@ -109,7 +109,11 @@ mod tests {
     use super::*;
 
     fn info(dtype: i32, dims: &[i64]) -> TensorInfo {
-        TensorInfo { name: "t".into(), dtype, dims: dims.to_vec() }
+        TensorInfo {
+            name: "t".into(),
+            dtype,
+            dims: dims.to_vec(),
+        }
     }
 
     #[test]
@@ -133,13 +137,17 @@ mod tests {
             (dtype::INT4, &[4, 8], Some(16)),
             (dtype::UINT4, &[3], Some(2)),
             (dtype::INT4, &[1], Some(1)),
-            (8, &[3], None),      // string
-            (14, &[3], None),     // complex64
+            (8, &[3], None),  // string
+            (14, &[3], None), // complex64
             (dtype::FLOAT, &[-1, 3], None),
             (dtype::INT64, &[i64::MAX, i64::MAX], None),
         ];
         for (dtype, dims, want) in cases {
-            assert_eq!(info(*dtype, dims).byte_size(), *want, "dtype {dtype} dims {dims:?}");
+            assert_eq!(
+                info(*dtype, dims).byte_size(),
+                *want,
+                "dtype {dtype} dims {dims:?}"
+            );
         }
     }
 

@@ -16,6 +16,8 @@ use std::process::ExitCode;
 pub enum Backend {
     /// The reference interpreter.
     Interp,
+    /// Compile each test for this machine (x86_64), load the artifact with kiln-runtime, run.
+    Host,
 }
 
 pub const RTOL: f64 = 1e-3;
@@ -70,8 +72,8 @@ fn walk(d: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Runs one test folder; returns its status and reason.
-pub fn run_test(dir: &Path) -> (Status, String) {
-    match std::panic::catch_unwind(|| run_test_inner(dir)) {
+pub fn run_test(dir: &Path, backend: Backend) -> (Status, String) {
+    match std::panic::catch_unwind(|| run_test_inner(dir, backend)) {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -96,7 +98,7 @@ fn skip_reason(e: &ImportError) -> Option<String> {
     }
 }
 
-fn run_test_inner(dir: &Path) -> (Status, String) {
+fn run_test_inner(dir: &Path, backend: Backend) -> (Status, String) {
     let model = match onnx::load_model(&dir.join("model.onnx")) {
         Ok(m) => m,
         Err(e) => {
@@ -138,9 +140,15 @@ fn run_test_inner(dir: &Path) -> (Status, String) {
                 }
             }
         }
-        let outputs = match interp::run(g, &inputs) {
-            Ok(o) => o,
-            Err(e) => return (Status::Failed, e.to_string()),
+        let outputs = match backend {
+            Backend::Interp => match interp::run(g, &inputs) {
+                Ok(o) => o,
+                Err(e) => return (Status::Failed, e.to_string()),
+            },
+            Backend::Host => match host::run(g, &inputs) {
+                Ok(o) => o,
+                Err(r) => return r,
+            },
         };
         for (k, actual) in outputs.iter().enumerate() {
             let path = set.join(format!("output_{k}.pb"));
@@ -180,7 +188,6 @@ pub fn run(
     list_file: Option<&Path>,
     allow_failures: bool,
 ) -> Result<ExitCode> {
-    let Backend::Interp = backend;
     let tests = find_tests(dirs)?;
     if tests.is_empty() {
         bail!(
@@ -194,7 +201,7 @@ pub fn run(
     let results: Vec<(String, Status, String)> = tests
         .par_iter()
         .map(|t| {
-            let (s, r) = run_test(t);
+            let (s, r) = run_test(t, backend);
             (test_name(t), s, r)
         })
         .collect();
@@ -233,4 +240,108 @@ pub fn run(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The host backend: compile for this machine, load with kiln-runtime, run.
+mod host {
+    use super::Status;
+    use kiln_compiler::ir::{Graph, Op, ValueDef, ValueId, ValueType};
+    use kiln_compiler::{ir, shape, Tensor};
+    use kiln_passes::{DeadCodeElimination, EliminateIdentity, Pipeline};
+    use kiln_targets::{lower::LowerError, CompileError};
+
+    /// Whether input `i` of `op` defines shapes (so a static compiler needs its value).
+    fn shape_operand(op: &Op, i: usize) -> bool {
+        match op {
+            Op::Reshape { .. } | Op::Expand | Op::Tile | Op::Squeeze { .. } | Op::Unsqueeze { .. } => i == 1,
+            Op::Slice { .. } => (1..=4).contains(&i),
+            Op::Pad { .. } => i == 1 || i == 3,
+            Op::ConstantOfShape { .. } | Op::Range => true,
+            Op::TopK { .. } | Op::Split { .. } | Op::CumSum { .. } | Op::Trilu { .. } => i == 1,
+            Op::OneHot { .. } => i == 1,
+            Op::Reduce { .. } => i == 1,
+            Op::Resize(_) => i >= 1,
+            _ => false,
+        }
+    }
+
+    /// Turns the graph inputs that define shapes into constants with the test's values, and
+    /// fixes every remaining input's type to the test tensor's. Returns the remaining inputs.
+    fn specialise(g: &mut Graph, inputs: &[Tensor]) -> Vec<Tensor> {
+        let mut freeze = vec![false; g.inputs.len()];
+        for n in g.nodes.node_weights() {
+            for (i, v) in n.inputs.iter().enumerate() {
+                if let Some(k) = v.and_then(|v| g.inputs.iter().position(|&x| x == v)) {
+                    freeze[k] |= shape_operand(&n.op, i);
+                }
+            }
+        }
+        let mut kept_ids: Vec<ValueId> = Vec::new();
+        let mut kept = Vec::new();
+        for (k, (&v, t)) in g.inputs.clone().iter().zip(inputs).enumerate() {
+            if freeze[k] {
+                let c = ir::Constant::from_tensor(t);
+                let val = g.value_mut(v);
+                val.ty = ValueType::fixed(t.dtype(), &t.shape);
+                val.def = ValueDef::Const(c);
+            } else {
+                let idx = kept_ids.len();
+                let val = g.value_mut(v);
+                val.ty = ValueType::fixed(t.dtype(), &t.shape);
+                val.def = ValueDef::Input(idx);
+                kept_ids.push(v);
+                kept.push(t.clone());
+            }
+        }
+        g.inputs = kept_ids;
+        kept
+    }
+
+    pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, (Status, String)> {
+        let skip = |r: String| (Status::Skipped, r);
+        let fail = |r: String| (Status::Failed, r);
+        let mut g = g.clone();
+        let inputs = specialise(&mut g, inputs);
+        shape::infer(&mut g).map_err(|e| skip(format!("codegen: shape inference: {e}")))?;
+        Pipeline::new()
+            .verify_each(true)
+            .with(EliminateIdentity)
+            .with(DeadCodeElimination)
+            .run(&mut g)
+            .map_err(|e| fail(e.to_string()))?;
+        let target = kiln_targets::target("x86_64").ok_or_else(|| fail("no x86_64 target".into()))?;
+        let compiled = match kiln_targets::compile(&g, target, &Default::default()) {
+            Ok(c) => c,
+            Err(CompileError::Lower(e @ (LowerError::Unsupported(_) | LowerError::DType { .. }))) => {
+                return Err(skip(format!("codegen: {e}")))
+            }
+            Err(CompileError::Lower(e @ LowerError::Node { .. })) if e.to_string().contains("only") || e.to_string().contains("not supported") || e.to_string().contains("no lowering") || e.to_string().contains("not lowered") => {
+                return Err(skip(format!("codegen: {e}")))
+            }
+            Err(e) => return Err(fail(format!("compile: {e}"))),
+        };
+        let dir = tempfile::tempdir().map_err(|e| fail(e.to_string()))?;
+        let so = dir.path().join("model.so");
+        std::fs::write(&so, &compiled.bytes).map_err(|e| fail(e.to_string()))?;
+        let model = kiln_runtime::Model::load(&so).map_err(|e| fail(format!("load: {e}")))?;
+        let mut session = kiln_runtime::Session::new(&model, 1).map_err(|e| fail(e.to_string()))?;
+        let ins: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
+        let mut outs: Vec<Vec<u8>> =
+            model.outputs().iter().map(|o| vec![0u8; o.byte_size().unwrap_or(0)]).collect();
+        {
+            let i: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
+            let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+            session.run(&i, &mut o).map_err(|e| fail(format!("run: {e}")))?;
+        }
+        model
+            .outputs()
+            .iter()
+            .zip(&outs)
+            .map(|(info, b)| {
+                let dt = kiln_compiler::DType::from_onnx(info.dtype).ok_or_else(|| fail(format!("output dtype {}", info.dtype)))?;
+                let shape = info.dims.iter().map(|&d| d as usize).collect();
+                Tensor::from_le_bytes(dt, shape, b).ok_or_else(|| fail("output size mismatch".into()))
+            })
+            .collect()
+    }
 }

@@ -770,26 +770,9 @@ impl<'g> Lowerer<'g> {
                 ),
                 Expr::add(Expr::mul(Expr::var(i), Expr::i64(nn as i64)), Expr::var(j)),
             );
-            vec![
-                Stmt::Assign {
-                    var: acc,
-                    value: Expr::f32(0.0),
-                },
-                Stmt::Loop {
-                    var: p,
-                    extent: kk,
-                    kind: LoopKind::Serial,
-                    body: vec![Stmt::Assign {
-                        var: acc,
-                        value: Expr::add(Expr::var(acc), prod),
-                    }],
-                },
-                Stmt::Store {
-                    buf: yp,
-                    index: out_idx,
-                    value: result,
-                },
-            ]
+            let mut s = blocked_sum(k, acc, p, kk, prod);
+            s.push(Stmt::Store { buf: yp, index: out_idx, value: result });
+            s
         });
         self.p.steps.push(Step { kernel: k, args });
         Ok(())
@@ -1245,6 +1228,50 @@ impl<'g> Lowerer<'g> {
         });
         Ok(())
     }
+}
+
+/// Block length of [`blocked_sum`].
+const SUM_BLOCK: usize = 64;
+
+/// `acc = sum over var in 0..extent of term`, summed in blocks of [`SUM_BLOCK`] terms whose
+/// partial sums are then added: the rounding error grows with about extent/64 + 64 terms
+/// instead of `extent`, which keeps long dot products within the reference tolerance.
+fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr) -> Vec<Stmt> {
+    let add = |a: VarId, e: Expr| Stmt::Assign { var: a, value: Expr::add(Expr::var(a), e) };
+    if extent <= SUM_BLOCK {
+        return vec![
+            Stmt::Assign { var: acc, value: Expr::f32(0.0) },
+            Stmt::Loop { var, extent, kind: LoopKind::Serial, body: vec![add(acc, term)] },
+        ];
+    }
+    let part = k.new_var(Scalar::F32);
+    let blk = k.new_var(Scalar::I64);
+    let inner = k.new_var(Scalar::I64);
+    let blocks = extent / SUM_BLOCK;
+    // var = blk * 64 + inner inside the blocks, then blocks * 64 + var in the tail.
+    let at = Expr::add(Expr::mul(Expr::var(blk), Expr::i64(SUM_BLOCK as i64)), Expr::var(inner));
+    let in_block = term.substitute(var, &at);
+    let mut s = vec![
+        Stmt::Assign { var: acc, value: Expr::f32(0.0) },
+        Stmt::Loop {
+            var: blk,
+            extent: blocks,
+            kind: LoopKind::Serial,
+            body: vec![
+                Stmt::Assign { var: part, value: Expr::f32(0.0) },
+                Stmt::Loop { var: inner, extent: SUM_BLOCK, kind: LoopKind::Serial, body: vec![add(part, in_block)] },
+                add(acc, Expr::var(part)),
+            ],
+        },
+    ];
+    let tail = extent - blocks * SUM_BLOCK;
+    if tail > 0 {
+        let t = term.substitute(var, &Expr::add(Expr::i64((blocks * SUM_BLOCK) as i64), Expr::var(var)));
+        s.push(Stmt::Assign { var: part, value: Expr::f32(0.0) });
+        s.push(Stmt::Loop { var, extent: tail, kind: LoopKind::Serial, body: vec![add(part, t)] });
+        s.push(add(acc, Expr::var(part)));
+    }
+    s
 }
 
 enum Operand {
