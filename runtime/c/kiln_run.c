@@ -289,7 +289,7 @@ static int dtype_bits(int32_t dtype) {
 static size_t tensor_bytes(const char *path, const char *kind, int i, const kiln_tensor_info *t) {
     uint64_t elems = 1;
     int d, bits = t ? dtype_bits(t->dtype) : 0;
-    if (!t || !t->name || t->rank < 0 || (t->rank > 0 && !t->dims))
+    if (!t || t->rank < 0 || t->rank > KILN_MAX_RANK)
         die(EXIT_ERROR, "%s: malformed info for %s %d", path, kind, i);
     if (!bits) die(EXIT_ERROR, "%s: %s %d (%s) has unsupported dtype %d", path, kind, i, t->name,
                    (int)t->dtype);

@@ -21,11 +21,16 @@ extern "C" {
 #define KILN_ERR_BAD_ARGUMENT 1
 #define KILN_ERR_HOST 2
 
+#define KILN_MAX_RANK 8
+
+/* Describes one input or output. The struct holds no pointers (an artifact has no load-time
+ * relocations): the dims are inline and the NUL-terminated name follows the struct. Artifacts
+ * return pointers to their own read-only copies, valid while the library is loaded. */
 typedef struct kiln_tensor_info {
-    const char *name;     /* ONNX value name */
-    int32_t dtype;        /* ONNX TensorProto.DataType code */
-    int32_t rank;
-    const int64_t *dims;  /* rank entries, all static */
+    int32_t dtype;                 /* ONNX TensorProto.DataType code */
+    int32_t rank;                  /* 0..KILN_MAX_RANK */
+    int64_t dims[KILN_MAX_RANK];   /* the first `rank` entries are used, all static */
+    char name[];                   /* ONNX value name, NUL-terminated */
 } kiln_tensor_info;
 
 /* Runs fn(ctx, i) for i in [0, n), possibly in parallel; returns when all calls are done. */

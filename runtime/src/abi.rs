@@ -6,14 +6,28 @@
 
 use std::ffi::{c_char, c_void};
 
-/// `kiln_tensor_info` from kiln.h.
+/// `KILN_MAX_RANK` from kiln.h.
+pub const MAX_RANK: usize = 8;
+
+/// `kiln_tensor_info` from kiln.h, without its trailing flexible `name` array: the
+/// NUL-terminated name starts right after this struct (at `size_of::<RawTensorInfo>()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct RawTensorInfo {
-    pub name: *const c_char,
     pub dtype: i32,
     pub rank: i32,
-    pub dims: *const i64,
+    pub dims: [i64; MAX_RANK],
+}
+
+impl RawTensorInfo {
+    /// Pointer to the name that follows the struct.
+    ///
+    /// # Safety
+    /// `this` must point at a `kiln_tensor_info` returned by an artifact.
+    pub unsafe fn name_ptr(this: *const RawTensorInfo) -> *const c_char {
+        // SAFETY: the name is laid out directly after the fixed part, as kiln.h defines.
+        unsafe { (this as *const u8).add(std::mem::size_of::<RawTensorInfo>()) as *const c_char }
+    }
 }
 
 /// `kiln_task_fn` from kiln.h: `fn(ctx, i)`.
@@ -131,7 +145,7 @@ mod tests {
             );
         }
         if cfg!(target_pointer_width = "64") {
-            assert_eq!(std::mem::size_of::<RawTensorInfo>(), 24);
+            assert_eq!(std::mem::size_of::<RawTensorInfo>(), 72);
             assert_eq!(std::mem::size_of::<RawHost>(), 24);
             assert_eq!(std::mem::offset_of!(RawHost, user), 8);
             assert_eq!(std::mem::offset_of!(RawHost, parallel_for), 16);

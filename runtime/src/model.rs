@@ -15,7 +15,7 @@ use crate::tensor::TensorInfo;
 use crate::ABI_VERSION;
 
 /// Largest rank the loader accepts; more is taken as a corrupt info table.
-const MAX_RANK: i32 = 64;
+const MAX_RANK: i32 = crate::abi::MAX_RANK as i32;
 
 /// Why an artifact could not be loaded. Every variant names the file.
 #[derive(Debug, Error)]
@@ -321,23 +321,15 @@ fn read_infos(
             if raw.is_null() {
                 return Err(format!("kiln_{kind}_info({i}) returned NULL"));
             }
-            // SAFETY: non-null; points at a static kiln_tensor_info in the artifact.
-            let raw = unsafe { *raw };
-            let name = c_string(raw.name, &format!("the name of {kind} {i}"))?;
-            if !(0..=MAX_RANK).contains(&raw.rank) {
-                return Err(format!("{kind} {i} ({name}) has rank {}", raw.rank));
+            // SAFETY: non-null; points at a static kiln_tensor_info in the artifact, whose
+            // NUL-terminated name follows the fixed part.
+            let (fixed, name_ptr) = unsafe { (*raw, RawTensorInfo::name_ptr(raw)) };
+            let name = c_string(name_ptr, &format!("the name of {kind} {i}"))?;
+            if !(0..=MAX_RANK).contains(&fixed.rank) {
+                return Err(format!("{kind} {i} ({name}) has rank {}", fixed.rank));
             }
-            let dims = if raw.rank == 0 {
-                Vec::new()
-            } else if raw.dims.is_null() {
-                return Err(format!(
-                    "{kind} {i} ({name}) has rank {} but no dims",
-                    raw.rank
-                ));
-            } else {
-                // SAFETY: non-null, `rank` entries, static in the artifact.
-                unsafe { std::slice::from_raw_parts(raw.dims, raw.rank as usize) }.to_vec()
-            };
+            let dims = fixed.dims[..fixed.rank as usize].to_vec();
+            let raw = fixed;
             if let Some(d) = dims.iter().find(|&&d| d < 0) {
                 return Err(format!(
                     "{kind} {i} ({name}) has a negative dim {d} in {dims:?}"

@@ -142,17 +142,21 @@ const FIXTURE_C: &str = r#"/* Kiln fixture artifact: sum = a + b, float32 [ROWS,
 #define COLS 3
 #define WORKSPACE @WORKSPACE@
 
-static const int64_t dims[2] = {ROWS, COLS};
-static const kiln_tensor_info inputs[2] = {{"a", 1, 2, dims}, {"b", 1, 2, dims}};
-static const kiln_tensor_info outputs[1] = {{"sum", @OUT_DTYPE@, 2, dims}};
+/* kiln_tensor_info ends in a flexible name array: one static per tensor, name inline. */
+struct info_storage { int32_t dtype; int32_t rank; int64_t dims[KILN_MAX_RANK]; char name[8]; };
+static const struct info_storage input_a = {1, 2, {ROWS, COLS}, "a"};
+static const struct info_storage input_b = {1, 2, {ROWS, COLS}, "b"};
+static const struct info_storage output_sum = {@OUT_DTYPE@, 2, {ROWS, COLS}, "sum"};
 
 uint32_t kiln_abi_version(void) { return @ABI@; }
 const char *kiln_target(void) { return "@TARGET@"; }
 const char *kiln_required_features(void) { return "@FEATURES@"; }
 int32_t kiln_num_inputs(void) { return 2; }
 int32_t kiln_num_outputs(void) { return 1; }
-const kiln_tensor_info *kiln_input_info(int32_t i) { return i >= 0 && i < 2 ? &inputs[i] : 0; }
-const kiln_tensor_info *kiln_output_info(int32_t i) { return i == 0 ? &outputs[0] : 0; }
+const kiln_tensor_info *kiln_input_info(int32_t i) {
+    return i == 0 ? (const kiln_tensor_info *)&input_a : i == 1 ? (const kiln_tensor_info *)&input_b : 0;
+}
+const kiln_tensor_info *kiln_output_info(int32_t i) { return i == 0 ? (const kiln_tensor_info *)&output_sum : 0; }
 uint64_t kiln_workspace_size(void) { return WORKSPACE; }
 
 struct ctx { const float *a, *b; float *sum; };
