@@ -3,6 +3,8 @@
 //! execution order. View ops (Reshape, Squeeze, Unsqueeze, Flatten, Identity, Dropout) alias
 //! their input's buffer instead of copying. Ops without a lowering are reported all at once.
 
+mod conv;
+
 use crate::loop_ir::*;
 use kiln_compiler::dtype::DType;
 use kiln_compiler::interp::movement::slice_geometry;
@@ -99,13 +101,13 @@ pub fn broadcast_strides(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> 
         .collect()
 }
 
-struct Lowerer<'g> {
+pub(crate) struct Lowerer<'g> {
     g: &'g Graph,
     p: Program,
     buf_of: HashMap<ValueId, usize>,
 }
 
-type R<T> = Result<T, String>;
+pub(crate) type R<T> = Result<T, String>;
 
 /// Lowers a statically shaped graph.
 pub fn lower(g: &Graph) -> Result<Program, LowerError> {
@@ -211,6 +213,7 @@ fn supported(op: &Op) -> bool {
         MatMul | Gemm { .. } => true,
         LayerNorm { .. } | RmsNorm { .. } => true,
         Reshape { .. } | Squeeze { .. } | Unsqueeze { .. } | Flatten { .. } => true,
+        Conv(_) | ConvTranspose { .. } | Pool(_) | GlobalPool(_) => conv::supported(op),
         Transpose { .. } | Concat { .. } | Split { .. } | Slice { .. } | Gather { .. } | Expand => {
             true
         }
@@ -510,6 +513,7 @@ impl<'g> Lowerer<'g> {
             Concat { axis } => self.concat(n, *axis),
             Split { axis, .. } => self.split(n, *axis),
             Gather { axis } => self.gather(n, *axis),
+            Conv(_) | ConvTranspose { .. } | Pool(_) | GlobalPool(_) => self.lower_windowed(n),
             other => Err(format!("no lowering for {}", other.onnx_name())),
         }
     }
