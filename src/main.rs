@@ -4,6 +4,7 @@
 //! messages here (anyhow) and a non-zero exit status.
 
 mod cli;
+mod config;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -48,18 +49,50 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=FILE")]
         inputs: Vec<String>,
     },
-    /// Compile a model into a self-contained shared object for a target.
+    /// Compile a model into a self-contained shared object for a target (or, with --config,
+    /// for every target a YAML config lists).
     Compile {
-        model: std::path::PathBuf,
-        /// Target name (see `kiln targets`).
-        #[arg(long)]
-        target: String,
-        /// Output artifact path.
-        #[arg(short = 'o', long = "output")]
-        output: std::path::PathBuf,
+        /// The ONNX model (optional with --config).
+        #[arg(required_unless_present = "config")]
+        model: Option<PathBuf>,
+        /// Target name (see `kiln targets`; optional with --config).
+        #[arg(long, required_unless_present = "config")]
+        target: Option<String>,
+        /// Output artifact path (optional with --config).
+        #[arg(short = 'o', long = "output", required_unless_present = "config")]
+        output: Option<PathBuf>,
         /// Bind a dynamic dimension.
         #[arg(long = "dim", value_name = "NAME=VALUE")]
         dims: Vec<String>,
+        /// YAML compile config (model_compilation, kernel_schedule, output); flags given too
+        /// must agree with it.
+        #[arg(long, value_name = "FILE.yaml")]
+        config: Option<PathBuf>,
+    },
+    /// Time a compiled artifact (median, p95, min latency, peak RSS), optionally side by side
+    /// with onnxruntime on the ONNX model.
+    Bench {
+        /// The compiled artifact (.so).
+        artifact: PathBuf,
+        /// Timed runs.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Untimed warm-up runs before the timed ones.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Threads in all (default: one per available core); onnxruntime gets the same
+        /// intra-op thread count.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Folder with input_N.pb files; without it inputs are generated deterministically.
+        #[arg(long)]
+        inputs_dir: Option<PathBuf>,
+        /// Also time onnxruntime on this ONNX model with the same inputs.
+        #[arg(long, value_name = "MODEL.onnx")]
+        onnx: Option<PathBuf>,
+        /// Python with onnxruntime (default: $KILN_CACHE/venv/bin/python).
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
     },
     /// List the targets Kiln knows, with the features each requires.
     Targets,
@@ -94,7 +127,36 @@ fn main() -> ExitCode {
             inputs,
         } => cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs),
         Command::Targets => cli::targets::run(),
-        Command::Compile { model, target, output, dims } => cli::compile::run(&model, &target, &output, &dims),
+        Command::Compile {
+            model,
+            target,
+            output,
+            dims,
+            config,
+        } => cli::compile::run(cli::compile::Args {
+            model,
+            target,
+            output,
+            dims,
+            config,
+        }),
+        Command::Bench {
+            artifact,
+            runs,
+            warmup,
+            threads,
+            inputs_dir,
+            onnx,
+            python,
+        } => cli::bench::run(&cli::bench::Args {
+            artifact,
+            runs,
+            warmup,
+            threads,
+            inputs_dir,
+            onnx,
+            python,
+        }),
         Command::Conformance {
             dirs,
             backend,

@@ -91,6 +91,24 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
             reason,
         };
         let types = input_types(g, &node.inputs);
+        // CastLike reads only the type of its second input: with a constant first input it
+        // folds like Cast.
+        let cast_like_to = match node.op {
+            Op::CastLike { .. } => types.get(1).and_then(|t| t.as_ref()).and_then(|t| t.dtype),
+            _ => None,
+        };
+        let cast_like_src = node.inputs.first().copied().flatten().and_then(|v| g.constant(v));
+        if let (Some(to), Some(src)) = (cast_like_to, cast_like_src) {
+            let src = src.to_tensor();
+            let t = interp::eval_op(&Op::Cast { to, saturate: true }, &[Some(&src)], 1)
+                .map_err(|e| fail(e.0))?
+                .remove(0);
+            g.remove_node(id);
+            let v = g.value_mut(node.outputs[0]);
+            v.ty = ValueType::fixed(t.dtype(), &t.shape);
+            v.def = ValueDef::Const(Constant::from_tensor(&t));
+            continue;
+        }
         let all_const = node
             .inputs
             .iter()
@@ -215,6 +233,9 @@ fn direct_rule(op: &Op, ins: &[Option<ValueType>]) -> Option<Vec<ValueType>> {
             out.push(a[a.len() - 2]);
             out.push(b[b.len() - 1]);
             Some(vec![ValueType::fixed(dtype(0)?, &out)])
+        }
+        Op::Unary(crate::ir::UnaryOp::IsNaN | crate::ir::UnaryOp::IsInf { .. }) => {
+            Some(vec![ValueType::fixed(crate::dtype::DType::Bool, &shape(0)?)])
         }
         Op::Unary(_) | Op::Identity => Some(vec![ValueType::fixed(dtype(0)?, &shape(0)?)]),
         Op::Binary(b) => {

@@ -1,5 +1,6 @@
 //! Subcommands of the `kiln` binary, one module each.
 
+pub mod bench;
 pub mod compile;
 pub mod conformance;
 pub mod inspect;

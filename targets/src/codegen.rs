@@ -180,9 +180,11 @@ impl ModuleBuilder {
 fn clty(s: Scalar) -> Type {
     match s {
         Scalar::F32 => types::F32,
-        Scalar::I32 => types::I32,
-        Scalar::I64 => types::I64,
-        Scalar::Bool => types::I8,
+        Scalar::F64 => types::F64,
+        Scalar::I8 | Scalar::U8 | Scalar::Bool => types::I8,
+        Scalar::I16 | Scalar::U16 => types::I16,
+        Scalar::I32 | Scalar::U32 => types::I32,
+        Scalar::I64 | Scalar::U64 => types::I64,
     }
 }
 
@@ -200,12 +202,11 @@ fn flags() -> MemFlagsData {
 
 impl KernelGen<'_, '_> {
     fn err(&self, reason: impl Into<String>) -> CodegenError {
-        CodegenError::Kernel {
-            kernel: self.k.name.clone(),
-            reason: reason.into(),
-        }
+        CodegenError::Kernel { kernel: self.k.name.clone(), reason: reason.into() }
     }
 
+    /// The type of an expression. Constants adapt to the other operand of a binary op, so a
+    /// binary expression has the type of its first non-constant operand.
     fn expr_type(&self, e: &Expr) -> Scalar {
         match e {
             Expr::Const(Const::F32(_)) => Scalar::F32,
@@ -214,10 +215,20 @@ impl KernelGen<'_, '_> {
             Expr::Const(Const::Bool(_)) => Scalar::Bool,
             Expr::Var(v) => self.k.vars[*v],
             Expr::Load { buf, .. } => self.k.params[*buf].scalar,
-            Expr::Bin { a, .. } | Expr::Un { a, .. } => self.expr_type(a),
+            Expr::Bin { a, b, .. } => self.operand_type(a, b),
+            Expr::Un { op: UnOp::IsNaN, .. } => Scalar::Bool,
+            Expr::Un { a, .. } => self.expr_type(a),
             Expr::Cmp { .. } => Scalar::Bool,
-            Expr::Select { a, .. } => self.expr_type(a),
+            Expr::Select { a, b, .. } => self.operand_type(a, b),
             Expr::Cast { to, .. } => *to,
+        }
+    }
+
+    fn operand_type(&self, a: &Expr, b: &Expr) -> Scalar {
+        if matches!(a, Expr::Const(_)) && !matches!(b, Expr::Const(_)) {
+            self.expr_type(b)
+        } else {
+            self.expr_type(a)
         }
     }
 
@@ -225,19 +236,41 @@ impl KernelGen<'_, '_> {
         self.b.ins().f32const(v)
     }
 
+    /// A constant of type `t` (floats of either width, integers wrap to the width).
+    fn typed_const(&mut self, t: Scalar, f: f64, i: i64) -> Value {
+        match t {
+            Scalar::F32 => self.b.ins().f32const(f as f32),
+            Scalar::F64 => self.b.ins().f64const(f),
+            other => {
+                // iconst immediates must fit the type's width (two's complement bits).
+                let ty = clty(other);
+                let bits = ty.bits();
+                let v = if bits == 64 { i } else { i & ((1i64 << bits) - 1) };
+                self.b.ins().iconst(ty, v)
+            }
+        }
+    }
+
+    /// Emits `e` converted to type `want` (constants are emitted directly in that type).
+    fn expr_as(&mut self, e: &Expr, want: Scalar) -> Result<Value, CodegenError> {
+        if let Expr::Const(c) = e {
+            let (f, i) = match *c {
+                Const::F32(v) => (v as f64, v as i64),
+                Const::I64(v) => (v as f64, v),
+                Const::I32(v) => (v as f64, v as i64),
+                Const::Bool(v) => (v as i64 as f64, v as i64),
+            };
+            return Ok(self.typed_const(want, f, i));
+        }
+        let from = self.expr_type(e);
+        let v = self.expr(e)?;
+        Ok(self.cast(from, want, v))
+    }
+
     fn address(&mut self, buf: usize, index: &Expr) -> Result<Value, CodegenError> {
-        let idx = self.expr(index)?;
-        let idx = match self.expr_type(index) {
-            Scalar::I64 => idx,
-            Scalar::I32 => self.b.ins().sextend(types::I64, idx),
-            _ => return Err(self.err("index expression is not an integer")),
-        };
+        let idx = self.expr_as(index, Scalar::I64)?;
         let size = self.k.params[buf].scalar.bytes() as i64;
-        let off = if size == 1 {
-            idx
-        } else {
-            self.b.ins().imul_imm_s(idx, size)
-        };
+        let off = if size == 1 { idx } else { self.b.ins().imul_imm_s(idx, size) };
         Ok(self.b.ins().iadd(self.ptrs[buf], off))
     }
 
@@ -254,8 +287,9 @@ impl KernelGen<'_, '_> {
                 self.b.ins().load(ty, flags(), addr, 0)
             }
             Expr::Bin { op, a, b } => {
-                let t = self.expr_type(a);
-                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                let t = self.operand_type(a, b);
+                let x = self.expr_as(a, t)?;
+                let y = self.expr_as(b, t)?;
                 self.binop(*op, t, x, y)?
             }
             Expr::Un { op, a } => {
@@ -264,9 +298,10 @@ impl KernelGen<'_, '_> {
                 self.unop(*op, t, x)?
             }
             Expr::Cmp { op, a, b } => {
-                let t = self.expr_type(a);
-                let (x, y) = (self.expr(a)?, self.expr(b)?);
-                if t == Scalar::F32 {
+                let t = self.operand_type(a, b);
+                let x = self.expr_as(a, t)?;
+                let y = self.expr_as(b, t)?;
+                if t.is_float() {
                     let cc = match op {
                         CmpOp::Eq => FloatCC::Equal,
                         CmpOp::Ne => FloatCC::NotEqual,
@@ -277,9 +312,14 @@ impl KernelGen<'_, '_> {
                     };
                     self.b.ins().fcmp(cc, x, y)
                 } else {
+                    let u = t.is_unsigned();
                     let cc = match op {
                         CmpOp::Eq => IntCC::Equal,
                         CmpOp::Ne => IntCC::NotEqual,
+                        CmpOp::Lt if u => IntCC::UnsignedLessThan,
+                        CmpOp::Le if u => IntCC::UnsignedLessThanOrEqual,
+                        CmpOp::Gt if u => IntCC::UnsignedGreaterThan,
+                        CmpOp::Ge if u => IntCC::UnsignedGreaterThanOrEqual,
                         CmpOp::Lt => IntCC::SignedLessThan,
                         CmpOp::Le => IntCC::SignedLessThanOrEqual,
                         CmpOp::Gt => IntCC::SignedGreaterThan,
@@ -289,8 +329,10 @@ impl KernelGen<'_, '_> {
                 }
             }
             Expr::Select { cond, a, b } => {
-                let c = self.expr(cond)?;
-                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                let c = self.expr_as(cond, Scalar::Bool)?;
+                let t = self.operand_type(a, b);
+                let x = self.expr_as(a, t)?;
+                let y = self.expr_as(b, t)?;
                 self.b.ins().select(c, x, y)
             }
             Expr::Cast { to, a } => {
@@ -301,32 +343,62 @@ impl KernelGen<'_, '_> {
         })
     }
 
+    /// Converts between element types with ONNX Cast semantics: float -> int truncates
+    /// (saturating), int -> int wraps, anything -> bool is `!= 0`.
     fn cast(&mut self, from: Scalar, to: Scalar, x: Value) -> Value {
-        use Scalar::*;
-        let ins = self.b.ins();
-        match (from, to) {
-            (a, b) if a == b => x,
-            (F32, I64) | (F32, I32) => ins.fcvt_to_sint_sat(clty(to), x),
-            (F32, Bool) => {
-                let z = self.fconst(0.0);
+        if from == to || (clty(from) == clty(to) && to != Scalar::Bool && from != Scalar::Bool) {
+            return x;
+        }
+        if to == Scalar::Bool {
+            return if from.is_float() {
+                let z = self.typed_const(from, 0.0, 0);
                 self.b.ins().fcmp(FloatCC::NotEqual, x, z)
+            } else {
+                self.b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+            };
+        }
+        let (tf, tt) = (clty(from), clty(to));
+        match (from.is_float(), to.is_float()) {
+            (true, true) => {
+                if tt.bits() > tf.bits() {
+                    self.b.ins().fpromote(tt, x)
+                } else {
+                    self.b.ins().fdemote(tt, x)
+                }
             }
-            (I64, F32) | (I32, F32) => ins.fcvt_from_sint(types::F32, x),
-            (Bool, F32) => {
-                let w = ins.uextend(types::I32, x);
-                self.b.ins().fcvt_from_uint(types::F32, w)
+            (true, false) => {
+                if to.is_unsigned() {
+                    self.b.ins().fcvt_to_uint_sat(tt, x)
+                } else {
+                    self.b.ins().fcvt_to_sint_sat(tt, x)
+                }
             }
-            (I64, I32) => ins.ireduce(types::I32, x),
-            (I32, I64) => ins.sextend(types::I64, x),
-            (Bool, I32) | (Bool, I64) => ins.uextend(clty(to), x),
-            (I32, Bool) | (I64, Bool) => ins.icmp_imm_s(IntCC::NotEqual, x, 0),
-            _ => x,
+            (false, true) => {
+                if from.is_unsigned() {
+                    self.b.ins().fcvt_from_uint(tt, x)
+                } else {
+                    self.b.ins().fcvt_from_sint(tt, x)
+                }
+            }
+            (false, false) => {
+                if tt.bits() > tf.bits() {
+                    if from.is_unsigned() {
+                        self.b.ins().uextend(tt, x)
+                    } else {
+                        self.b.ins().sextend(tt, x)
+                    }
+                } else if tt.bits() < tf.bits() {
+                    self.b.ins().ireduce(tt, x)
+                } else {
+                    x
+                }
+            }
         }
     }
 
     fn binop(&mut self, op: BinOp, t: Scalar, x: Value, y: Value) -> Result<Value, CodegenError> {
         let i = self.b.ins();
-        Ok(if t == Scalar::F32 {
+        Ok(if t.is_float() {
             match op {
                 BinOp::Add => i.fadd(x, y),
                 BinOp::Sub => i.fsub(x, y),
@@ -334,11 +406,7 @@ impl KernelGen<'_, '_> {
                 BinOp::Div => i.fdiv(x, y),
                 BinOp::Min => i.fmin(x, y),
                 BinOp::Max => i.fmax(x, y),
-                BinOp::Pow => {
-                    let l = self.log(x);
-                    let p = self.b.ins().fmul(y, l);
-                    self.exp(p)
-                }
+                BinOp::Pow if t == Scalar::F32 => self.pow(x, y),
                 BinOp::Rem => {
                     // fmod: x - trunc(x / y) * y
                     let q = i.fdiv(x, y);
@@ -346,9 +414,12 @@ impl KernelGen<'_, '_> {
                     let m = self.b.ins().fmul(t, y);
                     self.b.ins().fsub(x, m)
                 }
-                BinOp::And | BinOp::Or | BinOp::Xor => return Err(self.err("logic op on floats")),
+                BinOp::Pow | BinOp::And | BinOp::Or | BinOp::Xor | BinOp::Shl | BinOp::Shr => {
+                    return Err(self.err(format!("{op:?} on {t:?}")))
+                }
             }
         } else {
+            let u = t.is_unsigned();
             match op {
                 BinOp::Add => i.iadd(x, y),
                 BinOp::Sub => i.isub(x, y),
@@ -358,31 +429,58 @@ impl KernelGen<'_, '_> {
                     let zero = i.icmp_imm_s(IntCC::Equal, y, 0);
                     let one = self.b.ins().iconst(clty(t), 1);
                     let safe = self.b.ins().select(zero, one, y);
-                    let r = if op == BinOp::Div {
-                        self.b.ins().sdiv(x, safe)
-                    } else {
-                        self.b.ins().srem(x, safe)
+                    let r = match (op == BinOp::Div, u) {
+                        (true, true) => self.b.ins().udiv(x, safe),
+                        (true, false) => self.b.ins().sdiv(x, safe),
+                        (false, true) => self.b.ins().urem(x, safe),
+                        (false, false) => self.b.ins().srem(x, safe),
                     };
                     let z = self.b.ins().iconst(clty(t), 0);
                     self.b.ins().select(zero, z, r)
                 }
+                BinOp::Min if u => i.umin(x, y),
+                BinOp::Max if u => i.umax(x, y),
                 BinOp::Min => i.smin(x, y),
                 BinOp::Max => i.smax(x, y),
                 BinOp::And => i.band(x, y),
                 BinOp::Or => i.bor(x, y),
                 BinOp::Xor => i.bxor(x, y),
+                BinOp::Shl | BinOp::Shr => {
+                    // Shifts by the width or more give 0 (ONNX BitShift on unsigned types).
+                    let bits = clty(t).bits() as i64;
+                    let big = i.icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, y, bits);
+                    let r = if op == BinOp::Shl { self.b.ins().ishl(x, y) } else { self.b.ins().ushr(x, y) };
+                    let z = self.b.ins().iconst(clty(t), 0);
+                    self.b.ins().select(big, z, r)
+                }
                 BinOp::Pow => return Err(self.err("integer Pow")),
             }
         })
     }
 
     fn unop(&mut self, op: UnOp, t: Scalar, x: Value) -> Result<Value, CodegenError> {
-        if t != Scalar::F32 {
+        if !t.is_float() {
             return Ok(match op {
                 UnOp::Neg => self.b.ins().ineg(x),
                 UnOp::Abs => self.b.ins().iabs(x),
-                UnOp::Not => self.b.ins().bxor_imm_s(x, 1),
+                UnOp::Not if t == Scalar::Bool => self.b.ins().bxor_imm_s(x, 1),
+                UnOp::Not => self.b.ins().bnot(x),
                 _ => return Err(self.err(format!("{op:?} on integers"))),
+            });
+        }
+        if t == Scalar::F64 {
+            return Ok(match op {
+                UnOp::Neg => self.b.ins().fneg(x),
+                UnOp::Abs => self.b.ins().fabs(x),
+                UnOp::Sqrt => self.b.ins().sqrt(x),
+                UnOp::Floor => self.b.ins().floor(x),
+                UnOp::Ceil => self.b.ins().ceil(x),
+                UnOp::Round => self.b.ins().nearest(x),
+                UnOp::Recip => {
+                    let one = self.b.ins().f64const(1.0);
+                    self.b.ins().fdiv(one, x)
+                }
+                _ => return Err(self.err(format!("{op:?} is only lowered for f32"))),
             });
         }
         Ok(match op {
@@ -391,6 +489,7 @@ impl KernelGen<'_, '_> {
             UnOp::Sqrt => self.b.ins().sqrt(x),
             UnOp::Floor => self.b.ins().floor(x),
             UnOp::Ceil => self.b.ins().ceil(x),
+            UnOp::Round => self.b.ins().nearest(x),
             UnOp::Recip => {
                 let one = self.fconst(1.0);
                 self.b.ins().fdiv(one, x)
@@ -415,10 +514,74 @@ impl KernelGen<'_, '_> {
                 self.b.ins().fsub(one, q)
             }
             UnOp::Erf => self.erf(x),
-            UnOp::Not | UnOp::Sin | UnOp::Cos => {
-                return Err(self.err(format!("{op:?} is not generated for f32")))
-            }
+            UnOp::Sin => self.sin_cos(x, false),
+            UnOp::Cos => self.sin_cos(x, true),
+            UnOp::IsNaN => self.b.ins().fcmp(FloatCC::Unordered, x, x),
+            UnOp::Not => return Err(self.err("Not on floats")),
         })
+    }
+
+    /// powf: exp(y log|x|), with the sign of x for odd integer y, NaN for a negative base
+    /// with a non-integer exponent, and pow(x, 0) = 1.
+    fn pow(&mut self, x: Value, y: Value) -> Value {
+        let ax = self.b.ins().fabs(x);
+        let l = self.log(ax);
+        let p = self.b.ins().fmul(y, l);
+        let mag = self.exp(p);
+        let zero = self.fconst(0.0);
+        let one = self.fconst(1.0);
+        let half = self.fconst(0.5);
+        let y_int = self.b.ins().trunc(y);
+        let is_int = self.b.ins().fcmp(FloatCC::Equal, y_int, y);
+        let hy = self.b.ins().fmul(y, half);
+        let hy_t = self.b.ins().trunc(hy);
+        let even = self.b.ins().fcmp(FloatCC::Equal, hy_t, hy);
+        let neg_base = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let nmag = self.b.ins().fneg(mag);
+        let signed = self.b.ins().select(even, mag, nmag);
+        let nan = self.fconst(f32::NAN);
+        let neg_result = self.b.ins().select(is_int, signed, nan);
+        let r = self.b.ins().select(neg_base, neg_result, mag);
+        let y_zero = self.b.ins().fcmp(FloatCC::Equal, y, zero);
+        self.b.ins().select(y_zero, one, r)
+    }
+
+    /// sinf/cosf (Cephes): reduce by multiples of pi/2 (three-part Cody-Waite), evaluate the
+    /// sine or cosine polynomial on |r| <= pi/4 and fix the sign by quadrant.
+    fn sin_cos(&mut self, x: Value, cos: bool) -> Value {
+        let two_over_pi = self.fconst(std::f32::consts::FRAC_2_PI);
+        let t = self.b.ins().fmul(x, two_over_pi);
+        let j = self.b.ins().nearest(t);
+        let mut r = x;
+        for c in [1.570_312_5_f32, 4.837_513e-4, 7.549_79e-8] {
+            let k = self.fconst(c);
+            let m = self.b.ins().fmul(j, k);
+            r = self.b.ins().fsub(r, m);
+        }
+        let q = self.b.ins().fcvt_to_sint_sat(types::I32, j);
+        let q = if cos { self.b.ins().iadd_imm_s(q, 1) } else { q };
+        let z = self.b.ins().fmul(r, r);
+        // sin(r) = r + r z P(z), cos(r) = 1 - z/2 + z^2 Q(z)
+        let ps = self.horner(z, &[-1.951_529_6e-4, 8.332_161e-3, -1.666_665_5e-1]);
+        let rz = self.b.ins().fmul(r, z);
+        let s = self.b.ins().fmul(rz, ps);
+        let s = self.b.ins().fadd(r, s);
+        let pc = self.horner(z, &[2.443_315_7e-5, -1.388_731_6e-3, 4.166_664_6e-2]);
+        let z2 = self.b.ins().fmul(z, z);
+        let c = self.b.ins().fmul(z2, pc);
+        let half = self.fconst(0.5);
+        let hz = self.b.ins().fmul(z, half);
+        let c = self.b.ins().fsub(c, hz);
+        let one = self.fconst(1.0);
+        let c = self.b.ins().fadd(c, one);
+        // quadrant q: 0 -> s, 1 -> c, 2 -> -s, 3 -> -c
+        let odd = self.b.ins().band_imm_s(q, 1);
+        let use_cos = self.b.ins().icmp_imm_s(IntCC::NotEqual, odd, 0);
+        let v = self.b.ins().select(use_cos, c, s);
+        let neg_bit = self.b.ins().band_imm_s(q, 2);
+        let neg = self.b.ins().icmp_imm_s(IntCC::NotEqual, neg_bit, 0);
+        let nv = self.b.ins().fneg(v);
+        self.b.ins().select(neg, nv, v)
     }
 
     /// Horner evaluation of sum c[i] * x^i (coefficients from the highest degree down).
@@ -566,11 +729,11 @@ impl KernelGen<'_, '_> {
         for s in stmts {
             match s {
                 Stmt::Assign { var, value } => {
-                    let v = self.expr(value)?;
+                    let v = self.expr_as(value, self.k.vars[*var])?;
                     self.b.def_var(self.vars[*var], v);
                 }
                 Stmt::Store { buf, index, value } => {
-                    let v = self.expr(value)?;
+                    let v = self.expr_as(value, self.k.params[*buf].scalar)?;
                     let addr = self.address(*buf, index)?;
                     self.b.ins().store(flags(), v, addr, 0);
                 }
@@ -646,6 +809,7 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
     for (&v, &s) in vars.iter().zip(&k.vars) {
         let z = match s {
             Scalar::F32 => b.ins().f32const(0.0),
+            Scalar::F64 => b.ins().f64const(0.0),
             other => b.ins().iconst(clty(other), 0),
         };
         b.def_var(v, z);

@@ -111,6 +111,23 @@ pub enum CompileError {
     Artifact(#[from] artifact::ArtifactError),
 }
 
+impl CompileError {
+    /// Whether the error reports a feature code generation does not have yet (an operator, an
+    /// element type, a runtime-valued operand that must be constant), as opposed to a failure
+    /// on a supported input. Lowering and codegen phrase such errors with one of the markers
+    /// below; conformance runs count them as skipped.
+    pub fn is_unsupported(&self) -> bool {
+        const MARKERS: [&str; 6] =
+            ["only lowered for", "not supported", "no lowering", "not lowered", "compile-time constant", "does not support"];
+        match self {
+            CompileError::Lower(lower::LowerError::Unsupported(_) | lower::LowerError::DType { .. }) => true,
+            CompileError::Lower(e) => MARKERS.iter().any(|m| e.to_string().contains(m)),
+            CompileError::Codegen(e) => MARKERS.iter().any(|m| e.to_string().contains(m)),
+            CompileError::Artifact(_) => false,
+        }
+    }
+}
+
 /// A compiled artifact and the numbers the compile report prints.
 #[derive(Debug, Clone)]
 pub struct Compiled {

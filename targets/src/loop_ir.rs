@@ -10,8 +10,15 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scalar {
     F32,
+    F64,
+    I8,
+    I16,
     I32,
     I64,
+    U8,
+    U16,
+    U32,
+    U64,
     /// Booleans, stored as one byte (0 or 1).
     Bool,
 }
@@ -19,10 +26,19 @@ pub enum Scalar {
 impl Scalar {
     pub fn bytes(self) -> usize {
         match self {
-            Scalar::F32 | Scalar::I32 => 4,
-            Scalar::I64 => 8,
-            Scalar::Bool => 1,
+            Scalar::I8 | Scalar::U8 | Scalar::Bool => 1,
+            Scalar::I16 | Scalar::U16 => 2,
+            Scalar::F32 | Scalar::I32 | Scalar::U32 => 4,
+            Scalar::F64 | Scalar::I64 | Scalar::U64 => 8,
         }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Scalar::F32 | Scalar::F64)
+    }
+
+    pub fn is_unsigned(self) -> bool {
+        matches!(self, Scalar::U8 | Scalar::U16 | Scalar::U32 | Scalar::U64 | Scalar::Bool)
     }
 }
 
@@ -50,6 +66,9 @@ pub enum BinOp {
     And,
     Or,
     Xor,
+    /// Logical shifts of unsigned integers (a shift by the width or more gives 0).
+    Shl,
+    Shr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +87,10 @@ pub enum UnOp {
     Recip,
     Sin,
     Cos,
+    /// Round half to even.
+    Round,
+    /// Float -> bool.
+    IsNaN,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -344,16 +344,20 @@ pub fn matmul_integer(ins: &[Option<&Tensor>]) -> KResult<Tensor> {
 }
 
 /// Resolved geometry of a convolution or pooling window over the spatial dims.
-struct Window {
-    input: Vec<usize>,
-    kernel: Vec<usize>,
-    strides: Vec<usize>,
-    dilations: Vec<usize>,
-    pad_begin: Vec<usize>,
-    output: Vec<usize>,
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub input: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pad_begin: Vec<usize>,
+    pub pad_end: Vec<usize>,
+    pub output: Vec<usize>,
 }
 
-fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -> KResult<Window> {
+/// Resolves a window's geometry (auto_pad, pads, strides, dilations, ceil_mode) exactly as
+/// ONNX defines it; shared with the code generator so both agree by construction.
+pub fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -> KResult<Window> {
     let r = spatial.len();
     if kernel.len() != r {
         return err(format!(
@@ -375,13 +379,16 @@ fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -
     if pads.len() != 2 * r {
         return err(format!("pads {pads:?} must have {} entries", 2 * r));
     }
+    if kernel.contains(&0) {
+        return err("kernel shape contains zero");
+    }
     let mut output = vec![0; r];
     for i in 0..r {
         let ext = (kernel[i] - 1) * dilations[i] + 1;
         match a.auto_pad {
             AutoPad::SameUpper | AutoPad::SameLower => {
                 let out = spatial[i].div_ceil(strides[i]);
-                let total = ((out - 1) * strides[i] + ext).saturating_sub(spatial[i]);
+                let total = ((out.max(1) - 1) * strides[i] + ext).saturating_sub(spatial[i]);
                 let small = total / 2;
                 let (b, e) = if a.auto_pad == AutoPad::SameUpper {
                     (small, total - small)
@@ -422,6 +429,7 @@ fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -
         strides,
         dilations,
         pad_begin: pads[..r].to_vec(),
+        pad_end: pads[r..].to_vec(),
         output,
     })
 }
@@ -680,12 +688,8 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, n_outputs: usize) -> KResult<Vec<Tensor>>
     for_each_index(&win.kernel, |k| kidx.push(k.to_vec()));
     let mut oidx: Vec<Vec<usize>> = Vec::new();
     for_each_index(&win.output, |o| oidx.push(o.to_vec()));
-    let pads_end: Vec<usize> =
-        if p.window.pads.len() == 2 * r && p.window.auto_pad == AutoPad::NotSet {
-            p.window.pads[r..].to_vec()
-        } else {
-            vec![0; r]
-        };
+    // count_include_pad counts taps inside the padded extent, begin and end pads alike.
+    let pads_end = &win.pad_end;
     let mut out = vec![0f64; n * c * out_n];
     let mut indices = vec![0i64; n * c * out_n];
     for plane in 0..n * c {

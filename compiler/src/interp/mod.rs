@@ -8,7 +8,7 @@
 //! memory-mapped) bytes when first read.
 
 mod elementwise;
-mod linalg;
+pub mod linalg;
 pub mod movement;
 mod norm;
 mod quant;

@@ -4,6 +4,7 @@
 //! their input's buffer instead of copying. Ops without a lowering are reported all at once.
 
 mod conv;
+mod scan;
 
 use crate::loop_ir::*;
 use kiln_compiler::dtype::DType;
@@ -79,10 +80,32 @@ pub struct Program {
 pub fn scalar_of(d: DType) -> Option<Scalar> {
     match d {
         DType::F32 => Some(Scalar::F32),
-        DType::I64 => Some(Scalar::I64),
+        DType::F64 => Some(Scalar::F64),
+        DType::I8 => Some(Scalar::I8),
+        DType::I16 => Some(Scalar::I16),
         DType::I32 => Some(Scalar::I32),
+        DType::I64 => Some(Scalar::I64),
+        DType::U8 => Some(Scalar::U8),
+        DType::U16 => Some(Scalar::U16),
+        DType::U32 => Some(Scalar::U32),
+        DType::U64 => Some(Scalar::U64),
         DType::Bool => Some(Scalar::Bool),
         _ => None,
+    }
+}
+
+/// Smallest and largest value of an integer scalar type, as i64 bit patterns (u64's max is
+/// -1, which wraps to u64::MAX when stored).
+pub fn int_limits(s: Scalar) -> (i64, i64) {
+    match s {
+        Scalar::I8 => (i8::MIN as i64, i8::MAX as i64),
+        Scalar::I16 => (i16::MIN as i64, i16::MAX as i64),
+        Scalar::I32 => (i32::MIN as i64, i32::MAX as i64),
+        Scalar::U8 | Scalar::Bool => (0, u8::MAX as i64),
+        Scalar::U16 => (0, u16::MAX as i64),
+        Scalar::U32 => (0, u32::MAX as i64),
+        Scalar::U64 => (0, -1),
+        _ => (i64::MIN, i64::MAX),
     }
 }
 
@@ -199,17 +222,11 @@ fn supported(op: &Op) -> bool {
     use Op::*;
     match op {
         Unary(u) => unary_expr(u, Expr::f32(0.0)).is_some(),
-        Binary(b) => !matches!(
-            b,
-            BinaryOp::BitShiftLeft
-                | BinaryOp::BitShiftRight
-                | BinaryOp::BitwiseAnd
-                | BinaryOp::BitwiseOr
-                | BinaryOp::BitwiseXor
-        ),
-        Variadic(_) | Where | Clip { .. } | Cast { .. } | Identity | Dropout => true,
-        Reduce { kind, .. } => !matches!(kind, ReduceKind::LogSumExp),
-        Softmax { kind, .. } => *kind != SoftmaxKind::Hardmax,
+        Binary(_) => true,
+        Variadic(_) | Where | Clip { .. } | Cast { .. } | CastLike { .. } | Identity | Dropout => true,
+        Reduce { .. } | ArgReduce { .. } | CumSum { .. } => true,
+        Softmax { .. } => true,
+        Trilu { .. } | GatherElements { .. } | Pad { .. } => true,
         MatMul | Gemm { .. } => true,
         LayerNorm { .. } | RmsNorm { .. } => true,
         Reshape { .. } | Squeeze { .. } | Unsqueeze { .. } | Flatten { .. } => true,
@@ -292,6 +309,48 @@ fn unary_expr(u: &UnaryOp, x: Expr) -> Option<Expr> {
                 Expr::add(c(1.0), Expr::un(UnOp::Tanh, inner)),
             )
         }
+        U::Round => Expr::un(UnOp::Round, x),
+        U::Sign => Expr::select(
+            Expr::cmp(CmpOp::Gt, x.clone(), c(0.0)),
+            c(1.0),
+            Expr::select(Expr::cmp(CmpOp::Lt, x.clone(), c(0.0)), c(-1.0), c(0.0)),
+        ),
+        U::IsNaN => Expr::un(UnOp::IsNaN, x),
+        U::IsInf { detect_negative, detect_positive } => {
+            let pos = Expr::cmp(CmpOp::Eq, x.clone(), c(f32::INFINITY));
+            let neg = Expr::cmp(CmpOp::Eq, x, c(f32::NEG_INFINITY));
+            match (detect_positive, detect_negative) {
+                (true, true) => Expr::bin(BinOp::Or, pos, neg),
+                (true, false) => pos,
+                (false, true) => neg,
+                (false, false) => Expr::Const(Const::Bool(false)),
+            }
+        }
+        U::Selu { alpha, gamma } => Expr::select(
+            Expr::cmp(CmpOp::Le, x.clone(), c(0.0)),
+            Expr::mul(c(gamma), Expr::sub(Expr::mul(c(alpha), Expr::un(UnOp::Exp, x.clone())), c(alpha))),
+            Expr::mul(c(gamma), x),
+        ),
+        U::ThresholdedRelu { alpha } => {
+            Expr::select(Expr::cmp(CmpOp::Gt, x.clone(), c(alpha)), x, c(0.0))
+        }
+        U::Celu { alpha } => Expr::add(
+            Expr::max(x.clone(), c(0.0)),
+            Expr::min(
+                c(0.0),
+                Expr::mul(c(alpha), Expr::sub(Expr::un(UnOp::Exp, Expr::div(x, c(alpha))), c(1.0))),
+            ),
+        ),
+        U::Shrink { bias, lambd } => Expr::select(
+            Expr::cmp(CmpOp::Lt, x.clone(), c(-lambd)),
+            Expr::add(x.clone(), c(bias)),
+            Expr::select(Expr::cmp(CmpOp::Gt, x.clone(), c(lambd)), Expr::sub(x, c(bias)), c(0.0)),
+        ),
+        U::Mish => Expr::mul(
+            x.clone(),
+            Expr::un(UnOp::Tanh, Expr::un(UnOp::Log, Expr::add(c(1.0), Expr::un(UnOp::Exp, x)))),
+        ),
+        U::BitwiseNot => Expr::un(UnOp::Not, x),
         _ => return None,
     })
 }
@@ -445,11 +504,34 @@ impl<'g> Lowerer<'g> {
                 } else {
                     self.buf_of.insert(out, src);
                 }
+                // Inference Dropout's optional mask output is all true.
+                if let (Dropout, Some(&mask)) = (&n.op, n.outputs.get(1)) {
+                    if !self.g.consumers(mask).is_empty() || self.g.outputs.contains(&mask) {
+                        let b = self.out_buffer(mask)?;
+                        let len = self.p.buffers[b].len;
+                        let mut k = Kernel::new(format!("{}_mask", n.name));
+                        let y = k.param("mask", Scalar::Bool, len, true);
+                        k.body = nest(&mut k, &[len], |_, v| {
+                            vec![Stmt::Store { buf: y, index: Expr::var(v[0]), value: Expr::Const(Const::Bool(true)) }]
+                        });
+                        self.p.steps.push(Step { kernel: k, args: vec![b] });
+                    }
+                }
                 Ok(())
             }
-            Unary(_) | Binary(_) | Variadic(_) | Where | Clip { .. } | Cast { .. } => {
+            Unary(_) | Binary(_) | Variadic(_) | Where | Clip { .. } | Cast { .. } | CastLike { .. } => {
                 self.elementwise(n)
             }
+            ArgReduce { max, axis, select_last_index, .. } => {
+                self.arg_reduce(n, *max, *axis, *select_last_index, None)
+            }
+            Softmax { kind: SoftmaxKind::Hardmax, axis, coerce_2d } => {
+                self.arg_reduce(n, true, *axis, false, Some(*coerce_2d))
+            }
+            CumSum { exclusive, reverse } => self.cumsum(n, *exclusive, *reverse),
+            Trilu { upper } => self.trilu(n, *upper),
+            GatherElements { axis } => self.gather_elements(n, *axis),
+            Pad { mode, pads, value } => self.pad(n, *mode, pads.as_deref(), *value),
             MatMul => self.matmul(n, None),
             Gemm {
                 alpha,
@@ -892,8 +974,15 @@ impl<'g> Lowerer<'g> {
                 .collect::<R<_>>()?
         };
         let scalar = self.scalar(x)?;
-        if scalar != Scalar::F32 {
-            return Err("only f32 reductions are lowered".into());
+        let float = scalar.is_float();
+        if scalar == Scalar::Bool && !matches!(kind, ReduceKind::Max | ReduceKind::Min) {
+            return Err(format!("{kind:?} over bool is not lowered"));
+        }
+        if !float && !matches!(kind, ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min | ReduceKind::Prod | ReduceKind::SumSquare | ReduceKind::L1) {
+            return Err(format!("{kind:?} is only lowered for f32"));
+        }
+        if scalar == Scalar::F64 && matches!(kind, ReduceKind::LogSum | ReduceKind::LogSumExp) {
+            return Err(format!("{kind:?} is only lowered for f32"));
         }
         let kept: Vec<usize> = (0..r).filter(|d| !red.contains(d)).collect();
         let st = strides(&shape);
@@ -903,55 +992,64 @@ impl<'g> Lowerer<'g> {
         let src = self.buffer(x)?;
         let dst = self.out_buffer(n.outputs[0])?;
         let mut k = Kernel::new(&n.name);
-        let xp = k.param("x", Scalar::F32, self.p.buffers[src].len, false);
-        let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
-        let acc = k.new_var(Scalar::F32);
+        let xp = k.param("x", scalar, self.p.buffers[src].len, false);
+        let yp = k.param("y", scalar, self.p.buffers[dst].len, true);
+        let acc = k.new_var(scalar);
+        let sum = k.new_var(scalar);
         let kst = strides(&kept_ext);
+        let (lo, hi) = int_limits(scalar);
+        let init = match kind {
+            ReduceKind::Max | ReduceKind::LogSumExp if float => Expr::f32(f32::NEG_INFINITY),
+            ReduceKind::Min if float => Expr::f32(f32::INFINITY),
+            ReduceKind::Max => Expr::i64(lo),
+            ReduceKind::Min => Expr::i64(hi),
+            ReduceKind::Prod => Expr::f32(1.0),
+            _ => Expr::f32(0.0),
+        };
         k.body = nest(&mut k, &kept_ext, |k, kv| {
             let kept_idx = index(kv, &kept.iter().map(|&d| st[d]).collect::<Vec<_>>(), 0);
             let red_st: Vec<usize> = red.iter().map(|&d| st[d]).collect();
-            let init = match kind {
-                ReduceKind::Max => f32::NEG_INFINITY,
-                ReduceKind::Min => f32::INFINITY,
-                ReduceKind::Prod => 1.0,
-                _ => 0.0,
-            };
+            let load = |rv: &[VarId]| Expr::load(xp, Expr::add(kept_idx.clone(), index(rv, &red_st, 0)));
             let inner = nest(k, &red_ext, |_, rv| {
-                let e = Expr::load(xp, Expr::add(kept_idx.clone(), index(rv, &red_st, 0)));
+                let e = load(rv);
                 let a = Expr::var(acc);
                 let value = match kind {
-                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => Expr::add(a, e),
-                    ReduceKind::Max => Expr::max(a, e),
+                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => Expr::bin(BinOp::Add, a, e),
+                    ReduceKind::Max | ReduceKind::LogSumExp => Expr::max(a, e),
                     ReduceKind::Min => Expr::min(a, e),
-                    ReduceKind::Prod => Expr::mul(a, e),
-                    ReduceKind::L1 => Expr::add(a, Expr::un(UnOp::Abs, e)),
-                    ReduceKind::L2 | ReduceKind::SumSquare => Expr::add(a, Expr::mul(e.clone(), e)),
-                    ReduceKind::LogSumExp => unreachable!("not supported"),
+                    ReduceKind::Prod => Expr::bin(BinOp::Mul, a, e),
+                    ReduceKind::L1 => Expr::bin(BinOp::Add, a, Expr::un(UnOp::Abs, e)),
+                    ReduceKind::L2 | ReduceKind::SumSquare => Expr::bin(BinOp::Add, a, Expr::bin(BinOp::Mul, e.clone(), e)),
                 };
                 vec![Stmt::Assign { var: acc, value }]
             });
+            let mut s = vec![Stmt::Assign { var: acc, value: init.clone() }];
+            s.extend(inner);
             let fin = match kind {
                 ReduceKind::Mean => Expr::div(Expr::var(acc), Expr::f32(count as f32)),
                 ReduceKind::L2 => Expr::un(UnOp::Sqrt, Expr::var(acc)),
                 ReduceKind::LogSum => Expr::un(UnOp::Log, Expr::var(acc)),
+                ReduceKind::LogSumExp => {
+                    // log(sum(exp(x - max))) + max, with the max of the first pass.
+                    s.push(Stmt::Assign { var: sum, value: Expr::f32(0.0) });
+                    let second = nest(k, &red_ext, |_, rv| {
+                        let e = Expr::un(UnOp::Exp, Expr::sub(load(rv), Expr::var(acc)));
+                        vec![Stmt::Assign { var: sum, value: Expr::add(Expr::var(sum), e) }]
+                    });
+                    s.extend(second);
+                    // An empty or all -inf reduction gives -inf (log 0), not NaN.
+                    Expr::select(
+                        Expr::cmp(CmpOp::Eq, Expr::var(acc), Expr::f32(f32::NEG_INFINITY)),
+                        Expr::f32(f32::NEG_INFINITY),
+                        Expr::add(Expr::var(acc), Expr::un(UnOp::Log, Expr::var(sum))),
+                    )
+                }
                 _ => Expr::var(acc),
             };
-            let mut s = vec![Stmt::Assign {
-                var: acc,
-                value: Expr::f32(init),
-            }];
-            s.extend(inner);
-            s.push(Stmt::Store {
-                buf: yp,
-                index: index(kv, &kst, 0),
-                value: fin,
-            });
+            s.push(Stmt::Store { buf: yp, index: index(kv, &kst, 0), value: fin });
             s
         });
-        self.p.steps.push(Step {
-            kernel: k,
-            args: vec![src, dst],
-        });
+        self.p.steps.push(Step { kernel: k, args: vec![src, dst] });
         Ok(())
     }
 
@@ -962,12 +1060,15 @@ impl<'g> Lowerer<'g> {
         let outer: usize = shape[..a].iter().product();
         let norm_shape = &shape[a..];
         let len: usize = norm_shape.iter().product();
-        if n.outputs.len() > 1
-            && n.outputs[1..]
-                .iter()
-                .any(|o| !self.g.consumers(*o).is_empty() || self.g.outputs.contains(o))
-        {
-            return Err("LayerNormalization's Mean/InvStdDev outputs are not lowered".into());
+        // Optional Mean (output 1) and InvStdDev (output 2), when something reads them.
+        let mut stats: Vec<(usize, usize)> = Vec::new(); // (which, buffer)
+        for (which, &o) in n.outputs.iter().enumerate().skip(1) {
+            if !self.g.consumers(o).is_empty() || self.g.outputs.contains(&o) {
+                if self.scalar(o)? != Scalar::F32 {
+                    return Err("LayerNormalization statistics are only lowered for f32".into());
+                }
+                stats.push((which, 0));
+            }
         }
         let src = self.buffer(x)?;
         let sv = n.inputs.get(1).copied().flatten().ok_or("missing scale")?;
@@ -994,6 +1095,11 @@ impl<'g> Lowerer<'g> {
         });
         let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
         args.push(dst);
+        for st in stats.iter_mut() {
+            let b = self.out_buffer(n.outputs[st.0])?;
+            args.push(b);
+            st.1 = k.param(if st.0 == 1 { "mean" } else { "inv_std_dev" }, Scalar::F32, self.p.buffers[b].len, true);
+        }
         let (mean, var, inv) = (
             k.new_var(Scalar::F32),
             k.new_var(Scalar::F32),
@@ -1080,6 +1186,10 @@ impl<'g> Lowerer<'g> {
                 }]
             });
             s.extend(write);
+            for &(which, p) in &stats {
+                let v = if which == 1 { Expr::var(mean) } else { Expr::var(inv) };
+                s.push(Stmt::Store { buf: p, index: Expr::var(ov[0]), value: v });
+            }
             s
         });
         self.p.steps.push(Step { kernel: k, args });
@@ -1283,7 +1393,7 @@ enum Operand {
     Const(Expr),
 }
 
-fn const_expr(t: &Tensor) -> R<Expr> {
+pub(super) fn const_expr(t: &Tensor) -> R<Expr> {
     let v = t.to_f64_vec()[0];
     Ok(Expr::Const(match t.dtype() {
         DType::F32 => Const::F32(v as f32),
@@ -1331,21 +1441,17 @@ fn elementwise_expr(
     in_scalars: &[Scalar],
     out: Scalar,
 ) -> R<Expr> {
-    let float = in_scalars.first().copied() == Some(Scalar::F32);
+    let float = in_scalars.first().is_some_and(|s| s.is_float());
     Ok(match op {
         Op::Unary(u) => {
-            if !float
-                && !matches!(
-                    u,
-                    UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not
-                )
-            {
+            let int_ok = matches!(
+                u,
+                UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not | UnaryOp::BitwiseNot | UnaryOp::Sign
+            );
+            if !float && !int_ok {
                 return Err(format!("{u:?} is only lowered for f32"));
             }
-            match u {
-                UnaryOp::Relu if !float => Expr::max(ld(0), Expr::i64(0)),
-                _ => unary_expr(u, ld(0)).ok_or_else(|| format!("{u:?} has no lowering"))?,
-            }
+            unary_expr(u, ld(0)).ok_or_else(|| format!("{u:?} has no lowering"))?
         }
         Op::Binary(b) => {
             let (x, y) = (ld(0), ld(1));
@@ -1394,12 +1500,16 @@ fn elementwise_expr(
                 BinaryOp::And => Expr::bin(BinOp::And, x, y),
                 BinaryOp::Or => Expr::bin(BinOp::Or, x, y),
                 BinaryOp::Xor => Expr::bin(BinOp::Xor, x, y),
+                BinaryOp::BitwiseAnd => Expr::bin(BinOp::And, x, y),
+                BinaryOp::BitwiseOr => Expr::bin(BinOp::Or, x, y),
+                BinaryOp::BitwiseXor => Expr::bin(BinOp::Xor, x, y),
+                BinaryOp::BitShiftLeft => Expr::bin(BinOp::Shl, x, y),
+                BinaryOp::BitShiftRight => Expr::bin(BinOp::Shr, x, y),
                 BinaryOp::PRelu => Expr::select(
                     Expr::cmp(CmpOp::Lt, x.clone(), Expr::f32(0.0)),
                     Expr::mul(x.clone(), y),
                     x,
                 ),
-                other => return Err(format!("{other:?} has no lowering")),
             }
         }
         Op::Variadic(v) => {
@@ -1441,9 +1551,6 @@ fn elementwise_expr(
                 None if present.get(2) == Some(&true) => Some(ld(next)),
                 None => None,
             };
-            if !float {
-                return Err("integer Clip has no lowering".into());
-            }
             if let Some(l) = lo {
                 e = Expr::max(e, l);
             }
@@ -1452,7 +1559,7 @@ fn elementwise_expr(
             }
             e
         }
-        Op::Cast { .. } => Expr::cast(out, ld(0)),
+        Op::Cast { .. } | Op::CastLike { .. } => Expr::cast(out, ld(0)),
         other => return Err(format!("{} is not elementwise", other.onnx_name())),
     })
 }

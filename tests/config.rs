@@ -1,0 +1,373 @@
+//! `kiln compile --config FILE.yaml`: the example configs of `examples/` compile (copied
+//! verbatim next to a link to the bundled tiny Llama, so that relative paths resolve against
+//! the YAML file's folder and nothing is written into the repository) and produce one artifact
+//! per target; command-line flags may fill in what a config leaves out; and a table of bad
+//! configs, each of which must exit with status 1 and exactly one `error: ` line that names
+//! `config.yaml:LINE:COLUMN` and the problem, without writing an artifact.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// A temporary folder holding `tiny_llama` (a link to the bundled model) for configs to use.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo_root().join("examples/tiny_llama");
+    assert!(
+        model.join("model.onnx").is_file(),
+        "{} is missing",
+        model.display()
+    );
+    std::os::unix::fs::symlink(&model, dir.path().join("tiny_llama")).unwrap();
+    dir
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// ELF e_machine of a file (62 x86-64, 183 AArch64).
+fn elf_machine(path: &Path) -> u16 {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        &bytes[..4],
+        b"\x7fELF",
+        "{} is not an ELF file",
+        path.display()
+    );
+    u16::from_le_bytes([bytes[18], bytes[19]])
+}
+
+#[test]
+fn examples_compile_and_produce_artifacts() {
+    let cases: &[(&str, &[(&str, u16)])] = &[
+        (
+            "tiny_llama_x86_64.yaml",
+            &[("out/tiny_llama-x86_64.so", 62)],
+        ),
+        (
+            "tiny_llama_aarch64.yaml",
+            &[
+                ("out/tiny_llama-aarch64-neon.so", 183),
+                ("out/tiny_llama-aarch64-neon-dotprod.so", 183),
+            ],
+        ),
+    ];
+    for (example, artifacts) in cases {
+        let dir = workdir();
+        let text = std::fs::read_to_string(repo_root().join("examples").join(example)).unwrap();
+        let cfg = dir.path().join(example);
+        std::fs::write(&cfg, text).unwrap();
+        let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(r.code, Some(0), "{example}: {}", r.stderr);
+        assert!(
+            r.stdout.contains("loop_unroll_factor 4 (not applied yet)"),
+            "{example}: {}",
+            r.stdout
+        );
+        for (artifact, machine) in *artifacts {
+            let path = dir.path().join(artifact);
+            assert!(
+                path.is_file(),
+                "{example}: {} was not written",
+                path.display()
+            );
+            assert_eq!(elf_machine(&path), *machine, "{example}: {artifact}");
+            assert!(
+                r.stdout.contains(&path.display().to_string()),
+                "{}",
+                r.stdout
+            );
+        }
+        assert_eq!(
+            r.stdout.matches("compiled ").count(),
+            artifacts.len(),
+            "{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn x86_64_example_artifact_runs() {
+    let dir = workdir();
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/tiny_llama_x86_64.yaml")).unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let so = dir.path().join("out/tiny_llama-x86_64.so");
+    let inputs = repo_root().join("examples/tiny_llama/test_data_set_0");
+    let out = dir.path().join("run");
+    let r = kiln(&[
+        "run",
+        so.to_str().unwrap(),
+        "--inputs-dir",
+        inputs.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(out.join("output_0.pb").is_file());
+}
+
+/// Flags fill in what the config leaves out, and may repeat what it says.
+#[test]
+fn flags_complete_a_config() {
+    let dir = workdir();
+    let cfg = write_config(
+        dir.path(),
+        "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n",
+    );
+    let out = dir.path().join("from-flag.so");
+    let r = kiln(&[
+        "compile",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(elf_machine(&out), 62);
+
+    let cfg = write_config(dir.path(), "output:\n  artifact: out/{target}.so\n");
+    let model = repo_root().join("examples/tiny_llama/model.onnx");
+    let r = kiln(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--target",
+        "aarch64-neon",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(elf_machine(&dir.path().join("out/aarch64-neon.so")), 183);
+}
+
+struct Bad {
+    name: &'static str,
+    yaml: &'static str,
+    args: &'static [&'static str],
+    /// `LINE:COLUMN` expected after `config.yaml:`.
+    at: &'static str,
+    text: &'static str,
+}
+
+const HEAD: &str = "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n";
+
+#[test]
+fn bad_configs_are_one_line_errors_with_positions() {
+    let cases = [
+        Bad {
+            name: "unknown top-level section",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\nkernal_schedule:\n  threads: 2\n",
+            args: &[],
+            at: "4:1",
+            text: "unknown section 'kernal_schedule'; did you mean 'kernel_schedule'?",
+        },
+        Bad {
+            name: "typo in a nested key",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   kernel_schedule:\n  vectorization: auto\n  threads: 2\n  loop_unrol_factor: 4\n",
+            args: &[],
+            at: "7:3",
+            text: "unknown key 'loop_unrol_factor' in kernel_schedule; did you mean 'loop_unroll_factor'?",
+        },
+        Bad {
+            name: "key in the wrong section",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  threads: 2\n",
+            args: &[],
+            at: "3:3",
+            text: "unknown key 'threads' in model_compilation; it belongs in kernel_schedule",
+        },
+        Bad {
+            name: "wrong type",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   kernel_schedule:\n  threads: two\n",
+            args: &[],
+            at: "5:12",
+            text: "kernel_schedule.threads: expected an integer >= 1, got string 'two'",
+        },
+        Bad {
+            name: "out of range",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   kernel_schedule:\n  loop_unroll_factor: 0\n",
+            args: &[],
+            at: "5:23",
+            text: "kernel_schedule.loop_unroll_factor: expected an integer >= 1, got number 0",
+        },
+        Bad {
+            name: "section of the wrong type",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\nkernel_schedule: 4\n",
+            args: &[],
+            at: "4:18",
+            text: "kernel_schedule: expected a mapping, got number 4",
+        },
+        Bad {
+            name: "vectorization inconsistent with the target",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   kernel_schedule:\n  vectorization: neon\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "5:18",
+            text: "kernel_schedule.vectorization: 'neon' does not fit target x86_64: neon vectors \
+                   exist only on aarch64-neon, aarch64-neon-dotprod; x86_64 accepts auto or none",
+        },
+        Bad {
+            name: "vectorization inconsistent with one of several targets",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: [aarch64-neon, aarch64-sve]\n\
+                   kernel_schedule:\n  vectorization: neon\noutput:\n  artifact: out/{target}.so\n",
+            args: &[],
+            at: "5:18",
+            text: "'neon' does not fit target aarch64-sve",
+        },
+        Bad {
+            name: "unknown vectorization",
+            yaml: "kernel_schedule:\n  vectorization: neno\n",
+            args: &[],
+            at: "2:18",
+            text: "kernel_schedule.vectorization: 'neno' is not one of auto, none, neon, sve, cuda; did you mean 'neon'?",
+        },
+        Bad {
+            name: "unknown target",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device:\n    - aarch64-neon\n    - x86-64\n",
+            args: &[],
+            at: "5:7",
+            text: "unknown target 'x86-64'; did you mean 'x86_64'? (targets: x86_64, aarch64-neon,",
+        },
+        Bad {
+            name: "missing model",
+            yaml: "output:\n  artifact: out/m.so\nmodel_compilation:\n  target_device: x86_64\n",
+            args: &[],
+            at: "3:1",
+            text: "missing key 'model' in model_compilation (or pass MODEL on the command line)",
+        },
+        Bad {
+            name: "missing target",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "1:1",
+            text: "missing key 'target_device' in model_compilation (or pass --target on the command line)",
+        },
+        Bad {
+            name: "missing output",
+            yaml: HEAD,
+            args: &[],
+            at: "1:1",
+            text: "missing section 'output' (or pass -o on the command line)",
+        },
+        Bad {
+            name: "nonexistent model",
+            yaml: "model_compilation:\n  model: ../tiny_llama/missing.onnx\n  target_device: x86_64\n",
+            args: &[],
+            at: "2:10",
+            text: "model_compilation.model: ../tiny_llama/missing.onnx not found (looked for ",
+        },
+        Bad {
+            name: "several targets without {target}",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: [aarch64-neon, aarch64-neon-dotprod]\n\
+                   output:\n  artifact: out/model.so\n",
+            args: &[],
+            at: "5:13",
+            text: "output.artifact: 2 targets (aarch64-neon, aarch64-neon-dotprod) need one artifact \
+                   each: put {target} in the path",
+        },
+        Bad {
+            name: "target listed twice",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: [x86_64, x86_64]\n",
+            args: &[],
+            at: "3:27",
+            text: "target 'x86_64' is listed twice",
+        },
+        Bad {
+            name: "quantization section",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: int4\n  group_size: 32\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "4:1",
+            text: "section 'quantization' is not supported yet",
+        },
+        Bad {
+            name: "key of a later stage",
+            yaml: "kernel_schedule:\n  threads: 2\n  prefetch_distance: 64\n",
+            args: &[],
+            at: "3:3",
+            text: "key 'prefetch_distance' in kernel_schedule is not supported yet",
+        },
+        Bad {
+            name: "unsupported target format",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_format: elf\n",
+            args: &[],
+            at: "3:18",
+            text: "model_compilation.target_format: format 'elf' is not supported (only 'so' for now)",
+        },
+        Bad {
+            name: "flag conflicting with the config",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\noutput:\n  artifact: out/m.so\n",
+            args: &["--target", "aarch64-neon"],
+            at: "3:18",
+            text: "model_compilation.target_device 'x86_64' conflicts with --target aarch64-neon on the command line",
+        },
+        Bad {
+            name: "YAML syntax error",
+            yaml: "model_compilation:\n  model: [tiny_llama/model.onnx\n  target_device: x86_64\n",
+            args: &[],
+            at: "3:16",
+            text: "invalid YAML: ",
+        },
+        Bad {
+            name: "empty config",
+            yaml: "# nothing yet\n",
+            args: &[],
+            at: "1:1",
+            text: "the config is empty",
+        },
+    ];
+    let mut failures = Vec::new();
+    for case in &cases {
+        let dir = workdir();
+        let cfg = write_config(dir.path(), case.yaml);
+        let mut args = vec!["compile", "--config", cfg.to_str().unwrap()];
+        args.extend(case.args);
+        let r = kiln(&args);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        let want = format!("config.yaml:{}: ", case.at);
+        let ok = r.code == Some(1)
+            && lines.len() == 1
+            && lines[0].starts_with("error: ")
+            && lines[0].contains(&want)
+            && lines[0].contains(case.text)
+            && !dir.path().join("out").exists();
+        if !ok {
+            failures.push(format!(
+                "{}: exit {:?}, stderr {:?} (want {want:?} and {:?})",
+                case.name, r.code, r.stderr, case.text
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn missing_config_file_is_one_line_error() {
+    let r = kiln(&["compile", "--config", "/nonexistent/kiln.yaml"]);
+    assert_eq!(r.code, Some(1));
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("error: cannot read config /nonexistent/kiln.yaml: "),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn without_config_model_target_and_output_are_required() {
+    let r = kiln(&["compile", "--target", "x86_64"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--output"), "{}", r.stderr);
+}
