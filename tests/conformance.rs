@@ -1,6 +1,7 @@
 //! Conformance in CI: the ONNX backend node tests from the onnx==1.22.0 wheel run through
-//! `kiln conformance --backend interp`; every test in tests/conformance/onnx_node_passing.txt
-//! must still pass, and every failure or skip must carry a reason.
+//! `kiln conformance` on the interpreter and on the host backend (compiled for x86_64 and
+//! run); every test in the backend's checked-in pass list must still pass, and every failure or
+//! skip must carry a reason.
 
 mod common;
 
@@ -8,21 +9,30 @@ use common::*;
 use std::collections::HashMap;
 
 #[test]
-fn onnx_node_tests_do_not_regress() {
+fn onnx_node_tests_do_not_regress_on_the_interpreter() {
+    check_backend("interp", "tests/conformance/onnx_node_passing.txt");
+}
+
+#[test]
+fn onnx_node_tests_do_not_regress_on_the_host_backend() {
+    check_backend("host", "tests/conformance/onnx_node_passing_host.txt");
+}
+
+fn check_backend(backend: &str, pass_list: &str) {
     let node_dir = onnx_node_tests();
     let list = tempfile::NamedTempFile::new().unwrap();
     let r = kiln(&[
         "conformance",
         &node_dir.display().to_string(),
         "--backend",
-        "interp",
+        backend,
         "--list-file",
         &list.path().display().to_string(),
         "--allow-failures",
     ]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     let summary = r.stdout.lines().last().unwrap_or_default().to_string();
-    eprintln!("kiln conformance: {summary}");
+    eprintln!("kiln conformance --backend {backend}: {summary}");
     let results: HashMap<String, (String, String)> = std::fs::read_to_string(list.path())
         .unwrap()
         .lines()
@@ -46,7 +56,7 @@ fn onnx_node_tests_do_not_regress() {
         );
     }
     let expected =
-        std::fs::read_to_string(repo_root().join("tests/conformance/onnx_node_passing.txt"))
+        std::fs::read_to_string(repo_root().join(pass_list))
             .unwrap();
     let mut regressions = Vec::new();
     let mut listed = 0;
