@@ -121,6 +121,13 @@ pub enum Problem {
     ModelNotFound { written: String, resolved: PathBuf },
     #[error("{key}: {reason}")]
     Inconsistent { key: String, reason: String },
+    #[error("model_compilation.dims.{0}: no input of the model has this dimension")]
+    UnusedDim(String),
+    #[error(
+        "input '{input}' has dynamic dimension '{dim}'; bind it in model_compilation.dims \
+         ({dim}: VALUE) or with --dim {dim}=VALUE"
+    )]
+    UnboundDim { input: String, dim: String },
     #[error(
         "{key} {config_value} conflicts with {flag} on the command line; give it in one place"
     )]
@@ -315,6 +322,54 @@ pub struct Plan {
     pub dims: HashMap<String, usize>,
     pub schedule: ScheduleOptions,
     pub builds: Vec<Build>,
+    /// The config the plan came from, to place errors found later (dims the model lacks).
+    source: Option<Source>,
+}
+
+impl Plan {
+    /// A plan from command-line flags alone.
+    pub fn from_flags(
+        model: PathBuf,
+        target: &'static Target,
+        artifact: PathBuf,
+        dims: HashMap<String, usize>,
+    ) -> Plan {
+        Plan {
+            model,
+            dims,
+            schedule: ScheduleOptions::default(),
+            builds: vec![Build { target, artifact }],
+            source: None,
+        }
+    }
+
+    /// A dim-binding error of shape inference, placed in the config when the config is where
+    /// the binding belongs: a `model_compilation.dims` entry the model has no use for (at its
+    /// key), or a dynamic dim left unbound (at `model_compilation`). `None` without a config
+    /// or when the entry came from `--dim`.
+    pub fn dim_error(&self, e: &kiln_compiler::shape::ShapeError) -> Option<ConfigError> {
+        use kiln_compiler::shape::ShapeError;
+        let src = self.source.as_ref()?;
+        match e {
+            ShapeError::UnusedBinding(name) => {
+                let path = [
+                    Step::key("model_compilation"),
+                    Step::key("dims"),
+                    Step::key(name),
+                ];
+                locate(&src.text, &path, Want::Key)?;
+                Some(src.key(&path, Problem::UnusedDim(name.clone())))
+            }
+            ShapeError::UnboundDim { input, dim } => Some(src.key(
+                &[Step::key("model_compilation")],
+                Problem::UnboundDim {
+                    input: input.clone(),
+                    dim: dim.clone(),
+                },
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -746,6 +801,7 @@ impl Config {
             dims,
             schedule: self.schedule,
             builds,
+            source: Some(self.src.clone()),
         })
     }
 

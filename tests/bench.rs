@@ -196,6 +196,7 @@ fn bench_errors_are_one_line() {
     let so = so.to_str().unwrap();
     let wrong_inputs = model_dir("minilm_l6_v2").join("test_data_set_0");
     let model = model_path();
+    let other_model = model_dir("minilm_l6_v2").join("model.onnx");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -211,6 +212,10 @@ fn bench_errors_are_one_line() {
         (
             vec!["bench", "/nonexistent/model.so"],
             "error: /nonexistent/model.so",
+        ),
+        (
+            vec!["bench", so, "--onnx", other_model.to_str().unwrap()],
+            "input 0 'input_ids' of the model is int64[2, 16], ",
         ),
         (
             vec!["bench", so, "--runs", "0"],

@@ -18,7 +18,11 @@ const RTOL: f64 = 1e-3;
 const ATOL: f64 = 1e-4;
 
 fn read_inputs(dir: &Path) -> Vec<Tensor> {
-    (0..).map(|k| dir.join(format!("input_{k}.pb"))).take_while(|p| p.exists()).map(|p| read_tensor_file(&p).unwrap().1).collect()
+    (0..)
+        .map(|k| dir.join(format!("input_{k}.pb")))
+        .take_while(|p| p.exists())
+        .map(|p| read_tensor_file(&p).unwrap().1)
+        .collect()
 }
 
 /// Reference outputs of the interpreter on the model's test inputs.
@@ -31,14 +35,27 @@ fn reference(model: &str) -> (Vec<Tensor>, Vec<Tensor>) {
 }
 
 fn compile(model: &str, target: &str, out: &Path) {
-    let r = kiln(&["compile", &model_dir(model).join("model.onnx").display().to_string(), "--target", target, "-o", &out.display().to_string()]);
-    assert_eq!(r.code, Some(0), "compile {model} for {target}: {}", r.stderr);
+    let r = kiln(&[
+        "compile",
+        &model_dir(model).join("model.onnx").display().to_string(),
+        "--target",
+        target,
+        "-o",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "compile {model} for {target}: {}",
+        r.stderr
+    );
 }
 
 fn check_outputs(what: &str, expected: &[Tensor], got: &[Tensor]) {
     assert_eq!(expected.len(), got.len(), "{what}: output count");
     for (k, (e, a)) in expected.iter().zip(got).enumerate() {
-        let d = compare::allclose(e, a, RTOL, ATOL).unwrap_or_else(|r| panic!("{what} output {k}: {r}"));
+        let d = compare::allclose(e, a, RTOL, ATOL)
+            .unwrap_or_else(|r| panic!("{what} output {k}: {r}"));
         eprintln!("{what} output {k}: max abs diff {:.2e}", d.max_abs);
     }
 }
@@ -47,7 +64,11 @@ fn run_native(so: &Path, inputs: &[Tensor], threads: usize) -> Vec<Tensor> {
     let model = kiln_runtime::Model::load(so).unwrap();
     let mut session = kiln_runtime::Session::new(&model, threads).unwrap();
     let ins: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
-    let mut outs: Vec<Vec<u8>> = model.outputs().iter().map(|o| vec![0u8; o.byte_size().unwrap()]).collect();
+    let mut outs: Vec<Vec<u8>> = model
+        .outputs()
+        .iter()
+        .map(|o| vec![0u8; o.byte_size().unwrap()])
+        .collect();
     {
         let i: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
         let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
@@ -70,7 +91,11 @@ fn check_x86(model: &str) {
     let so = dir.path().join(format!("{model}.so"));
     compile(model, "x86_64", &so);
     for threads in [1, 2] {
-        check_outputs(&format!("{model} x86_64 ({threads} threads)"), &expected, &run_native(&so, &inputs, threads));
+        check_outputs(
+            &format!("{model} x86_64 ({threads} threads)"),
+            &expected,
+            &run_native(&so, &inputs, threads),
+        );
     }
 }
 
@@ -97,8 +122,11 @@ fn x86_64_smollm2() {
 // ---- aarch64 under qemu
 
 fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()));
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
     found.unwrap_or_else(|| {
         panic!("{name} is missing: apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user (scripts/setup-test-env does)")
     })
@@ -146,21 +174,42 @@ fn run_qemu(so: &Path, cpu: &str, inputs: &[Tensor], n_out: usize) -> QemuRun {
         .arg("2")
         .output()
         .unwrap();
-    let outputs = (0..n_out).map(|k| std::fs::read(outd.join(format!("output_{k}.bin"))).unwrap_or_default()).collect();
-    QemuRun { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned(), outputs }
+    let outputs = (0..n_out)
+        .map(|k| std::fs::read(outd.join(format!("output_{k}.bin"))).unwrap_or_default())
+        .collect();
+    QemuRun {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        outputs,
+    }
 }
 
 fn check_aarch64(model: &str) {
     let (inputs, expected) = reference(model);
     let dir = tempfile::tempdir().unwrap();
-    for (target, cpu) in [("aarch64-neon", "cortex-a72"), ("aarch64-neon-dotprod", "max")] {
+    for (target, cpu) in [
+        ("aarch64-neon", "cortex-a72"),
+        ("aarch64-neon-dotprod", "max"),
+    ] {
         let so = dir.path().join(format!("{model}_{target}.so"));
         compile(model, target, &so);
         let r = run_qemu(&so, cpu, &inputs, expected.len());
-        assert_eq!(r.code, Some(0), "{model} {target} under qemu -cpu {cpu}: {}", r.stderr);
-        let got: Vec<Tensor> =
-            expected.iter().zip(&r.outputs).map(|(e, b)| Tensor::from_le_bytes(e.dtype(), e.shape.clone(), b).unwrap()).collect();
-        check_outputs(&format!("{model} {target} (qemu -cpu {cpu})"), &expected, &got);
+        assert_eq!(
+            r.code,
+            Some(0),
+            "{model} {target} under qemu -cpu {cpu}: {}",
+            r.stderr
+        );
+        let got: Vec<Tensor> = expected
+            .iter()
+            .zip(&r.outputs)
+            .map(|(e, b)| Tensor::from_le_bytes(e.dtype(), e.shape.clone(), b).unwrap())
+            .collect();
+        check_outputs(
+            &format!("{model} {target} (qemu -cpu {cpu})"),
+            &expected,
+            &got,
+        );
     }
 }
 
@@ -194,7 +243,11 @@ fn dotprod_artifact_is_refused_without_dotprod() {
 // ---- artifact properties
 
 fn readelf(args: &[&str], so: &Path) -> String {
-    let out = Command::new("readelf").args(args).arg(so).output().expect("readelf (binutils) is installed");
+    let out = Command::new("readelf")
+        .args(args)
+        .arg(so)
+        .output()
+        .expect("readelf (binutils) is installed");
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -208,21 +261,53 @@ fn artifacts_are_self_contained_aligned_and_reproducible() {
         let first = std::fs::read(&so).unwrap();
         let dynamic = readelf(&["-dW"], &so);
         assert!(!dynamic.contains("NEEDED"), "{target}: {dynamic}");
-        assert!(dynamic.contains("Library soname: [libmodel.so]"), "{target}: {dynamic}");
+        assert!(
+            dynamic.contains("Library soname: [libmodel.so]"),
+            "{target}: {dynamic}"
+        );
         let segs = readelf(&["-lW"], &so);
-        let loads: Vec<&str> = segs.lines().filter(|l| l.trim_start().starts_with("LOAD")).collect();
+        let loads: Vec<&str> = segs
+            .lines()
+            .filter(|l| l.trim_start().starts_with("LOAD"))
+            .collect();
         assert!(loads.len() >= 3, "{target}: {segs}");
         for l in &loads {
-            let align = u64::from_str_radix(l.split_whitespace().last().unwrap().trim_start_matches("0x"), 16).unwrap();
-            assert!(align >= 0x4000, "{target}: LOAD alignment {align:#x} below 16 KiB: {l}");
+            let align = u64::from_str_radix(
+                l.split_whitespace()
+                    .last()
+                    .unwrap()
+                    .trim_start_matches("0x"),
+                16,
+            )
+            .unwrap();
+            assert!(
+                align >= 0x4000,
+                "{target}: LOAD alignment {align:#x} below 16 KiB: {l}"
+            );
         }
         let syms = readelf(&["--dyn-syms", "-W"], &so);
-        for name in ["kiln_run", "kiln_abi_version", "kiln_input_info", "kiln_workspace_size"] {
+        for name in [
+            "kiln_run",
+            "kiln_abi_version",
+            "kiln_input_info",
+            "kiln_workspace_size",
+        ] {
             assert!(syms.contains(name), "{target}: {name} not exported");
         }
-        assert!(!syms.contains(" UND ") || syms.lines().filter(|l| l.contains(" UND ")).all(|l| l.split_whitespace().count() < 8), "{target}: undefined symbols: {syms}");
+        assert!(
+            !syms.contains(" UND ")
+                || syms
+                    .lines()
+                    .filter(|l| l.contains(" UND "))
+                    .all(|l| l.split_whitespace().count() < 8),
+            "{target}: undefined symbols: {syms}"
+        );
         compile("tiny_gpt2", target, &so);
-        assert_eq!(std::fs::read(&so).unwrap(), first, "{target}: two compilations differ");
+        assert_eq!(
+            std::fs::read(&so).unwrap(),
+            first,
+            "{target}: two compilations differ"
+        );
     }
 }
 
@@ -247,9 +332,23 @@ fn plain_c_program_loads_and_runs_an_artifact() {
     std::fs::create_dir_all(&ind).unwrap();
     std::fs::create_dir_all(&outd).unwrap();
     std::fs::write(ind.join("input_0.bin"), inputs[0].to_le_bytes()).unwrap();
-    let out = Command::new(&exe).arg(&so).arg(&ind).arg(&outd).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let got = Tensor::from_le_bytes(expected[0].dtype(), expected[0].shape.clone(), &std::fs::read(outd.join("output_0.bin")).unwrap()).unwrap();
+    let out = Command::new(&exe)
+        .arg(&so)
+        .arg(&ind)
+        .arg(&outd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = Tensor::from_le_bytes(
+        expected[0].dtype(),
+        expected[0].shape.clone(),
+        &std::fs::read(outd.join("output_0.bin")).unwrap(),
+    )
+    .unwrap();
     check_outputs("C harness x86_64", &expected, &[got]);
 }
 
@@ -260,7 +359,14 @@ fn kiln_run_executes_an_artifact() {
     compile("tiny_gpt2", "x86_64", &so);
     let data = model_dir("tiny_gpt2").join("test_data_set_0");
     let out = dir.path().join("out");
-    let r = kiln(&["run", &so.display().to_string(), "--inputs-dir", &data.display().to_string(), "--output-dir", &out.display().to_string()]);
+    let r = kiln(&[
+        "run",
+        &so.display().to_string(),
+        "--inputs-dir",
+        &data.display().to_string(),
+        "--output-dir",
+        &out.display().to_string(),
+    ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let e = read_tensor_file(&data.join("output_0.pb")).unwrap().1;
     let a = read_tensor_file(&out.join("output_0.pb")).unwrap().1;

@@ -149,6 +149,50 @@ fn flags_complete_a_config() {
     assert_eq!(elf_machine(&dir.path().join("out/aarch64-neon.so")), 183);
 }
 
+/// `model_compilation.dims` binds a model's dynamic dims; entries the model does not have and
+/// dims left unbound are errors placed in the config.
+#[test]
+fn dims_bind_dynamic_inputs() {
+    let dir = workdir();
+    let m = model(
+        vec![node("Relu", "relu", &["x"], &["y"])],
+        vec![value_info("x", 1, &[Err("batch"), Ok(3)])],
+        vec![value_info("y", 1, &[Err("batch"), Ok(3)])],
+        vec![],
+    );
+    write_model(dir.path(), "dyn.onnx", &m);
+    let head = "model_compilation:\n  model: dyn.onnx\n  target_device: x86_64\n";
+    let tail = "output:\n  artifact: out/dyn.so\n";
+    let cfg = write_config(dir.path(), &format!("{head}  dims: {{batch: 4}}\n{tail}"));
+    let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let so = kiln_runtime::Model::load(dir.path().join("out/dyn.so")).unwrap();
+    assert_eq!(so.inputs()[0].dims, vec![4, 3]);
+
+    let cases = [
+        (
+            format!("{head}  dims:\n    batch: 4\n    seq: 16\n{tail}"),
+            "config.yaml:6:5: model_compilation.dims.seq: no input of the model has this dimension",
+        ),
+        (
+            format!("{head}{tail}"),
+            "config.yaml:1:1: input 'x' has dynamic dimension 'batch'; bind it in \
+             model_compilation.dims (batch: VALUE) or with --dim batch=VALUE",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let cfg = write_config(dir.path(), &yaml);
+        let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(r.code, Some(1), "{yaml}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.starts_with("error: ") && r.stderr.contains(want),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
 struct Bad {
     name: &'static str,
     yaml: &'static str,

@@ -55,9 +55,7 @@ fn check_backend(backend: &str, pass_list: &str) {
             "{name} is {status} without a reason"
         );
     }
-    let expected =
-        std::fs::read_to_string(repo_root().join(pass_list))
-            .unwrap();
+    let expected = std::fs::read_to_string(repo_root().join(pass_list)).unwrap();
     let mut regressions = Vec::new();
     let mut listed = 0;
     for name in expected

@@ -97,7 +97,12 @@ pub fn infer(g: &mut Graph) -> Result<(), ShapeError> {
             Op::CastLike { .. } => types.get(1).and_then(|t| t.as_ref()).and_then(|t| t.dtype),
             _ => None,
         };
-        let cast_like_src = node.inputs.first().copied().flatten().and_then(|v| g.constant(v));
+        let cast_like_src = node
+            .inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|v| g.constant(v));
         if let (Some(to), Some(src)) = (cast_like_to, cast_like_src) {
             let src = src.to_tensor();
             let t = interp::eval_op(&Op::Cast { to, saturate: true }, &[Some(&src)], 1)
@@ -235,7 +240,10 @@ fn direct_rule(op: &Op, ins: &[Option<ValueType>]) -> Option<Vec<ValueType>> {
             Some(vec![ValueType::fixed(dtype(0)?, &out)])
         }
         Op::Unary(crate::ir::UnaryOp::IsNaN | crate::ir::UnaryOp::IsInf { .. }) => {
-            Some(vec![ValueType::fixed(crate::dtype::DType::Bool, &shape(0)?)])
+            Some(vec![ValueType::fixed(
+                crate::dtype::DType::Bool,
+                &shape(0)?,
+            )])
         }
         Op::Unary(_) | Op::Identity => Some(vec![ValueType::fixed(dtype(0)?, &shape(0)?)]),
         Op::Binary(b) => {

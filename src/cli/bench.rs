@@ -19,6 +19,8 @@ use std::time::Instant;
 const ORT_SCRIPT: &str = include_str!("../../scripts/ort_bench.py");
 /// The script's exit status when numpy, onnx or onnxruntime cannot be imported.
 const ORT_MISSING_MODULE: i32 = 3;
+/// The script's exit status when the model's inputs do not match the input files.
+const ORT_INPUT_MISMATCH: i32 = 4;
 /// What `scripts/setup-test-env` installs into the venv.
 const ORT_PIN: &str = "onnxruntime==1.31.1";
 
@@ -311,6 +313,7 @@ impl OrtRun {
             Some(ORT_MISSING_MODULE) => bail!(
                 "onnxruntime is not usable with {py} ({last}): install it with `{py} -m pip install {ORT_PIN} onnx numpy` or run scripts/setup-test-env"
             ),
+            Some(ORT_INPUT_MISMATCH) => bail!("--onnx {}: {last}", self.onnx.display()),
             _ => bail!("onnxruntime failed on {}: {last}", self.onnx.display()),
         }
     }

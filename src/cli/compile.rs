@@ -4,7 +4,7 @@
 //! config (`--config FILE.yaml`, see `crate::config`), which may name several targets; the
 //! model is imported and shape-inferred once and then compiled for each target.
 
-use crate::config::{self, Build, Flags, Plan, ScheduleOptions, Vectorization};
+use crate::config::{self, Flags, Plan, ScheduleOptions, Vectorization};
 use anyhow::{bail, Context, Result};
 use kiln_compiler::{ir, onnx, shape};
 use kiln_passes::{DeadCodeElimination, EliminateIdentity, Pipeline};
@@ -40,12 +40,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             else {
                 bail!("kiln compile needs MODEL, --target and -o, or --config FILE.yaml");
             };
-            Plan {
-                model,
-                dims,
-                schedule: ScheduleOptions::default(),
-                builds: vec![Build { target, artifact }],
-            }
+            Plan::from_flags(model, target, artifact, dims)
         }
     };
     compile(&plan, args.config.is_some())
@@ -66,7 +61,12 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
     let t0 = Instant::now();
     let model = &plan.model;
     let mut m = onnx::load_model(model).with_context(|| format!("{}", model.display()))?;
-    shape::bind_dims(&mut m.graph, &plan.dims)?;
+    if let Err(e) = shape::bind_dims(&mut m.graph, &plan.dims) {
+        return Err(match plan.dim_error(&e) {
+            Some(located) => located.into(),
+            None => e.into(),
+        });
+    }
     shape::infer(&mut m.graph)?;
     Pipeline::new()
         .verify_each(true)

@@ -252,7 +252,11 @@ mod host {
     /// Whether input `i` of `op` defines shapes (so a static compiler needs its value).
     fn shape_operand(op: &Op, i: usize) -> bool {
         match op {
-            Op::Reshape { .. } | Op::Expand | Op::Tile | Op::Squeeze { .. } | Op::Unsqueeze { .. } => i == 1,
+            Op::Reshape { .. }
+            | Op::Expand
+            | Op::Tile
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. } => i == 1,
             Op::Slice { .. } => (1..=4).contains(&i),
             Op::Pad { .. } => i == 1 || i == 3,
             Op::ConstantOfShape { .. } | Op::Range => true,
@@ -308,7 +312,8 @@ mod host {
             .with(DeadCodeElimination)
             .run(&mut g)
             .map_err(|e| fail(e.to_string()))?;
-        let target = kiln_targets::target("x86_64").ok_or_else(|| fail("no x86_64 target".into()))?;
+        let target =
+            kiln_targets::target("x86_64").ok_or_else(|| fail("no x86_64 target".into()))?;
         let compiled = match kiln_targets::compile(&g, target, &Default::default()) {
             Ok(c) => c,
             Err(e) if e.is_unsupported() => return Err(skip(format!("codegen: {e}"))),
@@ -320,21 +325,28 @@ mod host {
         let model = kiln_runtime::Model::load(&so).map_err(|e| fail(format!("load: {e}")))?;
         let mut session = kiln_runtime::Session::new(&model, 1).map_err(|e| fail(e.to_string()))?;
         let ins: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
-        let mut outs: Vec<Vec<u8>> =
-            model.outputs().iter().map(|o| vec![0u8; o.byte_size().unwrap_or(0)]).collect();
+        let mut outs: Vec<Vec<u8>> = model
+            .outputs()
+            .iter()
+            .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
+            .collect();
         {
             let i: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
             let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-            session.run(&i, &mut o).map_err(|e| fail(format!("run: {e}")))?;
+            session
+                .run(&i, &mut o)
+                .map_err(|e| fail(format!("run: {e}")))?;
         }
         model
             .outputs()
             .iter()
             .zip(&outs)
             .map(|(info, b)| {
-                let dt = kiln_compiler::DType::from_onnx(info.dtype).ok_or_else(|| fail(format!("output dtype {}", info.dtype)))?;
+                let dt = kiln_compiler::DType::from_onnx(info.dtype)
+                    .ok_or_else(|| fail(format!("output dtype {}", info.dtype)))?;
                 let shape = info.dims.iter().map(|&d| d as usize).collect();
-                Tensor::from_le_bytes(dt, shape, b).ok_or_else(|| fail("output size mismatch".into()))
+                Tensor::from_le_bytes(dt, shape, b)
+                    .ok_or_else(|| fail("output size mismatch".into()))
             })
             .collect()
     }

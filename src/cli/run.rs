@@ -73,7 +73,12 @@ pub fn read_inputs(
 }
 
 /// Runs a compiled artifact (`.so`) through kiln-runtime on this machine.
-fn run_artifact(path: &Path, inputs_dir: Option<&Path>, output_dir: &Path, overrides: &[String]) -> Result<ExitCode> {
+fn run_artifact(
+    path: &Path,
+    inputs_dir: Option<&Path>,
+    output_dir: &Path,
+    overrides: &[String],
+) -> Result<ExitCode> {
     let model = kiln_runtime::Model::load(path).with_context(|| format!("{}", path.display()))?;
     let overrides = super::parse_pairs("--input", overrides)?;
     let mut inputs = Vec::new();
@@ -82,7 +87,11 @@ fn run_artifact(path: &Path, inputs_dir: Option<&Path>, output_dir: &Path, overr
             Some((_, f)) => Path::new(f).to_path_buf(),
             None => match inputs_dir {
                 Some(d) => d.join(format!("input_{k}.pb")),
-                None => bail!("input '{}' has no value: pass --inputs-dir or --input {}=FILE", info.name, info.name),
+                None => bail!(
+                    "input '{}' has no value: pass --inputs-dir or --input {}=FILE",
+                    info.name,
+                    info.name
+                ),
             },
         };
         let (_, t) = tensor_proto::read_tensor_file(&file)?;
@@ -99,22 +108,38 @@ fn run_artifact(path: &Path, inputs_dir: Option<&Path>, output_dir: &Path, overr
         }
         inputs.push(t.to_le_bytes());
     }
-    let mut outputs: Vec<Vec<u8>> = model.outputs().iter().map(|o| vec![0u8; o.byte_size().unwrap_or(0)]).collect();
+    let mut outputs: Vec<Vec<u8>> = model
+        .outputs()
+        .iter()
+        .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
+        .collect();
     let mut session = kiln_runtime::Session::new(&model, 0)?;
     {
         let ins: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
         let mut outs: Vec<&mut [u8]> = outputs.iter_mut().map(|v| v.as_mut_slice()).collect();
         session.run(&ins, &mut outs)?;
     }
-    std::fs::create_dir_all(output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create {}", output_dir.display()))?;
     for (k, (info, bytes)) in model.outputs().iter().zip(&outputs).enumerate() {
-        let dtype = kiln_compiler::DType::from_onnx(info.dtype)
-            .with_context(|| format!("output '{}' has unsupported dtype {}", info.name, info.dtype))?;
+        let dtype = kiln_compiler::DType::from_onnx(info.dtype).with_context(|| {
+            format!(
+                "output '{}' has unsupported dtype {}",
+                info.name, info.dtype
+            )
+        })?;
         let shape: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
-        let t = Tensor::from_le_bytes(dtype, shape, bytes).context("output size does not match its type")?;
+        let t = Tensor::from_le_bytes(dtype, shape, bytes)
+            .context("output size does not match its type")?;
         let path = output_dir.join(format!("output_{k}.pb"));
         tensor_proto::write_tensor_file(&path, &info.name, &t)?;
-        println!("{} {}{:?} -> {}", info.name, t.dtype(), t.shape, path.display());
+        println!(
+            "{} {}{:?} -> {}",
+            info.name,
+            t.dtype(),
+            t.shape,
+            path.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

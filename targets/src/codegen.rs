@@ -202,7 +202,10 @@ fn flags() -> MemFlagsData {
 
 impl KernelGen<'_, '_> {
     fn err(&self, reason: impl Into<String>) -> CodegenError {
-        CodegenError::Kernel { kernel: self.k.name.clone(), reason: reason.into() }
+        CodegenError::Kernel {
+            kernel: self.k.name.clone(),
+            reason: reason.into(),
+        }
     }
 
     /// The type of an expression. Constants adapt to the other operand of a binary op, so a
@@ -216,7 +219,9 @@ impl KernelGen<'_, '_> {
             Expr::Var(v) => self.k.vars[*v],
             Expr::Load { buf, .. } => self.k.params[*buf].scalar,
             Expr::Bin { a, b, .. } => self.operand_type(a, b),
-            Expr::Un { op: UnOp::IsNaN, .. } => Scalar::Bool,
+            Expr::Un {
+                op: UnOp::IsNaN, ..
+            } => Scalar::Bool,
             Expr::Un { a, .. } => self.expr_type(a),
             Expr::Cmp { .. } => Scalar::Bool,
             Expr::Select { a, b, .. } => self.operand_type(a, b),
@@ -245,7 +250,11 @@ impl KernelGen<'_, '_> {
                 // iconst immediates must fit the type's width (two's complement bits).
                 let ty = clty(other);
                 let bits = ty.bits();
-                let v = if bits == 64 { i } else { i & ((1i64 << bits) - 1) };
+                let v = if bits == 64 {
+                    i
+                } else {
+                    i & ((1i64 << bits) - 1)
+                };
                 self.b.ins().iconst(ty, v)
             }
         }
@@ -270,7 +279,11 @@ impl KernelGen<'_, '_> {
     fn address(&mut self, buf: usize, index: &Expr) -> Result<Value, CodegenError> {
         let idx = self.expr_as(index, Scalar::I64)?;
         let size = self.k.params[buf].scalar.bytes() as i64;
-        let off = if size == 1 { idx } else { self.b.ins().imul_imm_s(idx, size) };
+        let off = if size == 1 {
+            idx
+        } else {
+            self.b.ins().imul_imm_s(idx, size)
+        };
         Ok(self.b.ins().iadd(self.ptrs[buf], off))
     }
 
@@ -449,7 +462,11 @@ impl KernelGen<'_, '_> {
                     // Shifts by the width or more give 0 (ONNX BitShift on unsigned types).
                     let bits = clty(t).bits() as i64;
                     let big = i.icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, y, bits);
-                    let r = if op == BinOp::Shl { self.b.ins().ishl(x, y) } else { self.b.ins().ushr(x, y) };
+                    let r = if op == BinOp::Shl {
+                        self.b.ins().ishl(x, y)
+                    } else {
+                        self.b.ins().ushr(x, y)
+                    };
                     let z = self.b.ins().iconst(clty(t), 0);
                     self.b.ins().select(big, z, r)
                 }
@@ -559,7 +576,11 @@ impl KernelGen<'_, '_> {
             r = self.b.ins().fsub(r, m);
         }
         let q = self.b.ins().fcvt_to_sint_sat(types::I32, j);
-        let q = if cos { self.b.ins().iadd_imm_s(q, 1) } else { q };
+        let q = if cos {
+            self.b.ins().iadd_imm_s(q, 1)
+        } else {
+            q
+        };
         let z = self.b.ins().fmul(r, r);
         // sin(r) = r + r z P(z), cos(r) = 1 - z/2 + z^2 Q(z)
         let ps = self.horner(z, &[-1.951_529_6e-4, 8.332_161e-3, -1.666_665_5e-1]);

@@ -117,10 +117,18 @@ impl CompileError {
     /// on a supported input. Lowering and codegen phrase such errors with one of the markers
     /// below; conformance runs count them as skipped.
     pub fn is_unsupported(&self) -> bool {
-        const MARKERS: [&str; 6] =
-            ["only lowered for", "not supported", "no lowering", "not lowered", "compile-time constant", "does not support"];
+        const MARKERS: [&str; 6] = [
+            "only lowered for",
+            "not supported",
+            "no lowering",
+            "not lowered",
+            "compile-time constant",
+            "does not support",
+        ];
         match self {
-            CompileError::Lower(lower::LowerError::Unsupported(_) | lower::LowerError::DType { .. }) => true,
+            CompileError::Lower(
+                lower::LowerError::Unsupported(_) | lower::LowerError::DType { .. },
+            ) => true,
             CompileError::Lower(e) => MARKERS.iter().any(|m| e.to_string().contains(m)),
             CompileError::Codegen(e) => MARKERS.iter().any(|m| e.to_string().contains(m)),
             CompileError::Artifact(_) => false,

@@ -38,7 +38,10 @@ impl Scalar {
     }
 
     pub fn is_unsigned(self) -> bool {
-        matches!(self, Scalar::U8 | Scalar::U16 | Scalar::U32 | Scalar::U64 | Scalar::Bool)
+        matches!(
+            self,
+            Scalar::U8 | Scalar::U16 | Scalar::U32 | Scalar::U64 | Scalar::Bool
+        )
     }
 }
 

@@ -357,7 +357,12 @@ pub struct Window {
 
 /// Resolves a window's geometry (auto_pad, pads, strides, dilations, ceil_mode) exactly as
 /// ONNX defines it; shared with the code generator so both agree by construction.
-pub fn window(spatial: &[usize], kernel: &[usize], a: &ConvAttrs, ceil_mode: bool) -> KResult<Window> {
+pub fn window(
+    spatial: &[usize],
+    kernel: &[usize],
+    a: &ConvAttrs,
+    ceil_mode: bool,
+) -> KResult<Window> {
     let r = spatial.len();
     if kernel.len() != r {
         return err(format!(

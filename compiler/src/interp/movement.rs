@@ -200,14 +200,28 @@ pub struct SliceGeometry {
 }
 
 /// Applies ONNX Slice clamping rules to `shape`.
-pub fn slice_geometry(shape: &[usize], starts: &[i64], ends: &[i64], axes: Option<&[i64]>, steps: Option<&[i64]>) -> KResult<SliceGeometry> {
+pub fn slice_geometry(
+    shape: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> KResult<SliceGeometry> {
     let r = shape.len();
-    let axes: Vec<i64> = axes.map(|a| a.to_vec()).unwrap_or_else(|| (0..starts.len() as i64).collect());
-    let steps: Vec<i64> = steps.map(|s| s.to_vec()).unwrap_or_else(|| vec![1; starts.len()]);
+    let axes: Vec<i64> = axes
+        .map(|a| a.to_vec())
+        .unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps: Vec<i64> = steps
+        .map(|s| s.to_vec())
+        .unwrap_or_else(|| vec![1; starts.len()]);
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return err("Slice starts/ends/axes/steps lengths differ");
     }
-    let mut g = SliceGeometry { start: vec![0; r], step: vec![1; r], count: shape.to_vec() };
+    let mut g = SliceGeometry {
+        start: vec![0; r],
+        step: vec![1; r],
+        count: shape.to_vec(),
+    };
     for i in 0..starts.len() {
         let a = axis(axes[i], r)?;
         let dim = shape[a] as i64;
@@ -224,8 +238,16 @@ pub fn slice_geometry(shape: &[usize], starts: &[i64], ends: &[i64], axes: Optio
         if e < 0 {
             e = e.saturating_add(dim);
         }
-        let (s, e) = if step > 0 { (clampv(s, 0, dim), clampv(e, 0, dim)) } else { (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1)) };
-        let n = if step > 0 { (e - s).max(0).div_ceil_i(step) } else { (s - e).max(0).div_ceil_i(-step) };
+        let (s, e) = if step > 0 {
+            (clampv(s, 0, dim), clampv(e, 0, dim))
+        } else {
+            (clampv(s, 0, dim - 1), clampv(e, -1, dim - 1))
+        };
+        let n = if step > 0 {
+            (e - s).max(0).div_ceil_i(step)
+        } else {
+            (s - e).max(0).div_ceil_i(-step)
+        };
         g.start[a] = s;
         g.step[a] = step;
         g.count[a] = n as usize;
@@ -241,7 +263,13 @@ pub fn slice(ins: &[Option<&Tensor>], attrs: Option<&SliceAttrs>) -> KResult<Ten
         None => {
             let axes = opt_input(ins, 3).map(ints_of).transpose()?;
             let steps = opt_input(ins, 4).map(ints_of).transpose()?;
-            slice_geometry(&x.shape, &ints_of(input(ins, 1)?)?, &ints_of(input(ins, 2)?)?, axes.as_deref(), steps.as_deref())?
+            slice_geometry(
+                &x.shape,
+                &ints_of(input(ins, 1)?)?,
+                &ints_of(input(ins, 2)?)?,
+                axes.as_deref(),
+                steps.as_deref(),
+            )?
         }
     };
     let (st, sp, cnt) = (g.start, g.step, g.count);

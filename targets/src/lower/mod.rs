@@ -223,7 +223,9 @@ fn supported(op: &Op) -> bool {
     match op {
         Unary(u) => unary_expr(u, Expr::f32(0.0)).is_some(),
         Binary(_) => true,
-        Variadic(_) | Where | Clip { .. } | Cast { .. } | CastLike { .. } | Identity | Dropout => true,
+        Variadic(_) | Where | Clip { .. } | Cast { .. } | CastLike { .. } | Identity | Dropout => {
+            true
+        }
         Reduce { .. } | ArgReduce { .. } | CumSum { .. } => true,
         Softmax { .. } => true,
         Trilu { .. } | GatherElements { .. } | Pad { .. } => true,
@@ -316,7 +318,10 @@ fn unary_expr(u: &UnaryOp, x: Expr) -> Option<Expr> {
             Expr::select(Expr::cmp(CmpOp::Lt, x.clone(), c(0.0)), c(-1.0), c(0.0)),
         ),
         U::IsNaN => Expr::un(UnOp::IsNaN, x),
-        U::IsInf { detect_negative, detect_positive } => {
+        U::IsInf {
+            detect_negative,
+            detect_positive,
+        } => {
             let pos = Expr::cmp(CmpOp::Eq, x.clone(), c(f32::INFINITY));
             let neg = Expr::cmp(CmpOp::Eq, x, c(f32::NEG_INFINITY));
             match (detect_positive, detect_negative) {
@@ -328,7 +333,13 @@ fn unary_expr(u: &UnaryOp, x: Expr) -> Option<Expr> {
         }
         U::Selu { alpha, gamma } => Expr::select(
             Expr::cmp(CmpOp::Le, x.clone(), c(0.0)),
-            Expr::mul(c(gamma), Expr::sub(Expr::mul(c(alpha), Expr::un(UnOp::Exp, x.clone())), c(alpha))),
+            Expr::mul(
+                c(gamma),
+                Expr::sub(
+                    Expr::mul(c(alpha), Expr::un(UnOp::Exp, x.clone())),
+                    c(alpha),
+                ),
+            ),
             Expr::mul(c(gamma), x),
         ),
         U::ThresholdedRelu { alpha } => {
@@ -338,17 +349,27 @@ fn unary_expr(u: &UnaryOp, x: Expr) -> Option<Expr> {
             Expr::max(x.clone(), c(0.0)),
             Expr::min(
                 c(0.0),
-                Expr::mul(c(alpha), Expr::sub(Expr::un(UnOp::Exp, Expr::div(x, c(alpha))), c(1.0))),
+                Expr::mul(
+                    c(alpha),
+                    Expr::sub(Expr::un(UnOp::Exp, Expr::div(x, c(alpha))), c(1.0)),
+                ),
             ),
         ),
         U::Shrink { bias, lambd } => Expr::select(
             Expr::cmp(CmpOp::Lt, x.clone(), c(-lambd)),
             Expr::add(x.clone(), c(bias)),
-            Expr::select(Expr::cmp(CmpOp::Gt, x.clone(), c(lambd)), Expr::sub(x, c(bias)), c(0.0)),
+            Expr::select(
+                Expr::cmp(CmpOp::Gt, x.clone(), c(lambd)),
+                Expr::sub(x, c(bias)),
+                c(0.0),
+            ),
         ),
         U::Mish => Expr::mul(
             x.clone(),
-            Expr::un(UnOp::Tanh, Expr::un(UnOp::Log, Expr::add(c(1.0), Expr::un(UnOp::Exp, x)))),
+            Expr::un(
+                UnOp::Tanh,
+                Expr::un(UnOp::Log, Expr::add(c(1.0), Expr::un(UnOp::Exp, x))),
+            ),
         ),
         U::BitwiseNot => Expr::un(UnOp::Not, x),
         _ => return None,
@@ -512,22 +533,38 @@ impl<'g> Lowerer<'g> {
                         let mut k = Kernel::new(format!("{}_mask", n.name));
                         let y = k.param("mask", Scalar::Bool, len, true);
                         k.body = nest(&mut k, &[len], |_, v| {
-                            vec![Stmt::Store { buf: y, index: Expr::var(v[0]), value: Expr::Const(Const::Bool(true)) }]
+                            vec![Stmt::Store {
+                                buf: y,
+                                index: Expr::var(v[0]),
+                                value: Expr::Const(Const::Bool(true)),
+                            }]
                         });
-                        self.p.steps.push(Step { kernel: k, args: vec![b] });
+                        self.p.steps.push(Step {
+                            kernel: k,
+                            args: vec![b],
+                        });
                     }
                 }
                 Ok(())
             }
-            Unary(_) | Binary(_) | Variadic(_) | Where | Clip { .. } | Cast { .. } | CastLike { .. } => {
-                self.elementwise(n)
-            }
-            ArgReduce { max, axis, select_last_index, .. } => {
-                self.arg_reduce(n, *max, *axis, *select_last_index, None)
-            }
-            Softmax { kind: SoftmaxKind::Hardmax, axis, coerce_2d } => {
-                self.arg_reduce(n, true, *axis, false, Some(*coerce_2d))
-            }
+            Unary(_)
+            | Binary(_)
+            | Variadic(_)
+            | Where
+            | Clip { .. }
+            | Cast { .. }
+            | CastLike { .. } => self.elementwise(n),
+            ArgReduce {
+                max,
+                axis,
+                select_last_index,
+                ..
+            } => self.arg_reduce(n, *max, *axis, *select_last_index, None),
+            Softmax {
+                kind: SoftmaxKind::Hardmax,
+                axis,
+                coerce_2d,
+            } => self.arg_reduce(n, true, *axis, false, Some(*coerce_2d)),
             CumSum { exclusive, reverse } => self.cumsum(n, *exclusive, *reverse),
             Trilu { upper } => self.trilu(n, *upper),
             GatherElements { axis } => self.gather_elements(n, *axis),
@@ -857,7 +894,11 @@ impl<'g> Lowerer<'g> {
                 Expr::add(Expr::mul(Expr::var(i), Expr::i64(nn as i64)), Expr::var(j)),
             );
             let mut s = blocked_sum(k, acc, p, kk, prod);
-            s.push(Stmt::Store { buf: yp, index: out_idx, value: result });
+            s.push(Stmt::Store {
+                buf: yp,
+                index: out_idx,
+                value: result,
+            });
             s
         });
         self.p.steps.push(Step { kernel: k, args });
@@ -978,7 +1019,17 @@ impl<'g> Lowerer<'g> {
         if scalar == Scalar::Bool && !matches!(kind, ReduceKind::Max | ReduceKind::Min) {
             return Err(format!("{kind:?} over bool is not lowered"));
         }
-        if !float && !matches!(kind, ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min | ReduceKind::Prod | ReduceKind::SumSquare | ReduceKind::L1) {
+        if !float
+            && !matches!(
+                kind,
+                ReduceKind::Sum
+                    | ReduceKind::Max
+                    | ReduceKind::Min
+                    | ReduceKind::Prod
+                    | ReduceKind::SumSquare
+                    | ReduceKind::L1
+            )
+        {
             return Err(format!("{kind:?} is only lowered for f32"));
         }
         if scalar == Scalar::F64 && matches!(kind, ReduceKind::LogSum | ReduceKind::LogSumExp) {
@@ -1009,21 +1060,29 @@ impl<'g> Lowerer<'g> {
         k.body = nest(&mut k, &kept_ext, |k, kv| {
             let kept_idx = index(kv, &kept.iter().map(|&d| st[d]).collect::<Vec<_>>(), 0);
             let red_st: Vec<usize> = red.iter().map(|&d| st[d]).collect();
-            let load = |rv: &[VarId]| Expr::load(xp, Expr::add(kept_idx.clone(), index(rv, &red_st, 0)));
+            let load =
+                |rv: &[VarId]| Expr::load(xp, Expr::add(kept_idx.clone(), index(rv, &red_st, 0)));
             let inner = nest(k, &red_ext, |_, rv| {
                 let e = load(rv);
                 let a = Expr::var(acc);
                 let value = match kind {
-                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => Expr::bin(BinOp::Add, a, e),
+                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => {
+                        Expr::bin(BinOp::Add, a, e)
+                    }
                     ReduceKind::Max | ReduceKind::LogSumExp => Expr::max(a, e),
                     ReduceKind::Min => Expr::min(a, e),
                     ReduceKind::Prod => Expr::bin(BinOp::Mul, a, e),
                     ReduceKind::L1 => Expr::bin(BinOp::Add, a, Expr::un(UnOp::Abs, e)),
-                    ReduceKind::L2 | ReduceKind::SumSquare => Expr::bin(BinOp::Add, a, Expr::bin(BinOp::Mul, e.clone(), e)),
+                    ReduceKind::L2 | ReduceKind::SumSquare => {
+                        Expr::bin(BinOp::Add, a, Expr::bin(BinOp::Mul, e.clone(), e))
+                    }
                 };
                 vec![Stmt::Assign { var: acc, value }]
             });
-            let mut s = vec![Stmt::Assign { var: acc, value: init.clone() }];
+            let mut s = vec![Stmt::Assign {
+                var: acc,
+                value: init.clone(),
+            }];
             s.extend(inner);
             let fin = match kind {
                 ReduceKind::Mean => Expr::div(Expr::var(acc), Expr::f32(count as f32)),
@@ -1031,10 +1090,16 @@ impl<'g> Lowerer<'g> {
                 ReduceKind::LogSum => Expr::un(UnOp::Log, Expr::var(acc)),
                 ReduceKind::LogSumExp => {
                     // log(sum(exp(x - max))) + max, with the max of the first pass.
-                    s.push(Stmt::Assign { var: sum, value: Expr::f32(0.0) });
+                    s.push(Stmt::Assign {
+                        var: sum,
+                        value: Expr::f32(0.0),
+                    });
                     let second = nest(k, &red_ext, |_, rv| {
                         let e = Expr::un(UnOp::Exp, Expr::sub(load(rv), Expr::var(acc)));
-                        vec![Stmt::Assign { var: sum, value: Expr::add(Expr::var(sum), e) }]
+                        vec![Stmt::Assign {
+                            var: sum,
+                            value: Expr::add(Expr::var(sum), e),
+                        }]
                     });
                     s.extend(second);
                     // An empty or all -inf reduction gives -inf (log 0), not NaN.
@@ -1046,10 +1111,17 @@ impl<'g> Lowerer<'g> {
                 }
                 _ => Expr::var(acc),
             };
-            s.push(Stmt::Store { buf: yp, index: index(kv, &kst, 0), value: fin });
+            s.push(Stmt::Store {
+                buf: yp,
+                index: index(kv, &kst, 0),
+                value: fin,
+            });
             s
         });
-        self.p.steps.push(Step { kernel: k, args: vec![src, dst] });
+        self.p.steps.push(Step {
+            kernel: k,
+            args: vec![src, dst],
+        });
         Ok(())
     }
 
@@ -1098,7 +1170,12 @@ impl<'g> Lowerer<'g> {
         for st in stats.iter_mut() {
             let b = self.out_buffer(n.outputs[st.0])?;
             args.push(b);
-            st.1 = k.param(if st.0 == 1 { "mean" } else { "inv_std_dev" }, Scalar::F32, self.p.buffers[b].len, true);
+            st.1 = k.param(
+                if st.0 == 1 { "mean" } else { "inv_std_dev" },
+                Scalar::F32,
+                self.p.buffers[b].len,
+                true,
+            );
         }
         let (mean, var, inv) = (
             k.new_var(Scalar::F32),
@@ -1187,8 +1264,16 @@ impl<'g> Lowerer<'g> {
             });
             s.extend(write);
             for &(which, p) in &stats {
-                let v = if which == 1 { Expr::var(mean) } else { Expr::var(inv) };
-                s.push(Stmt::Store { buf: p, index: Expr::var(ov[0]), value: v });
+                let v = if which == 1 {
+                    Expr::var(mean)
+                } else {
+                    Expr::var(inv)
+                };
+                s.push(Stmt::Store {
+                    buf: p,
+                    index: Expr::var(ov[0]),
+                    value: v,
+                });
             }
             s
         });
@@ -1351,11 +1436,22 @@ const SUM_BLOCK: usize = 64;
 /// partial sums are then added: the rounding error grows with about extent/64 + 64 terms
 /// instead of `extent`, which keeps long dot products within the reference tolerance.
 fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr) -> Vec<Stmt> {
-    let add = |a: VarId, e: Expr| Stmt::Assign { var: a, value: Expr::add(Expr::var(a), e) };
+    let add = |a: VarId, e: Expr| Stmt::Assign {
+        var: a,
+        value: Expr::add(Expr::var(a), e),
+    };
     if extent <= SUM_BLOCK {
         return vec![
-            Stmt::Assign { var: acc, value: Expr::f32(0.0) },
-            Stmt::Loop { var, extent, kind: LoopKind::Serial, body: vec![add(acc, term)] },
+            Stmt::Assign {
+                var: acc,
+                value: Expr::f32(0.0),
+            },
+            Stmt::Loop {
+                var,
+                extent,
+                kind: LoopKind::Serial,
+                body: vec![add(acc, term)],
+            },
         ];
     }
     let part = k.new_var(Scalar::F32);
@@ -1363,26 +1459,51 @@ fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr
     let inner = k.new_var(Scalar::I64);
     let blocks = extent / SUM_BLOCK;
     // var = blk * 64 + inner inside the blocks, then blocks * 64 + var in the tail.
-    let at = Expr::add(Expr::mul(Expr::var(blk), Expr::i64(SUM_BLOCK as i64)), Expr::var(inner));
+    let at = Expr::add(
+        Expr::mul(Expr::var(blk), Expr::i64(SUM_BLOCK as i64)),
+        Expr::var(inner),
+    );
     let in_block = term.substitute(var, &at);
     let mut s = vec![
-        Stmt::Assign { var: acc, value: Expr::f32(0.0) },
+        Stmt::Assign {
+            var: acc,
+            value: Expr::f32(0.0),
+        },
         Stmt::Loop {
             var: blk,
             extent: blocks,
             kind: LoopKind::Serial,
             body: vec![
-                Stmt::Assign { var: part, value: Expr::f32(0.0) },
-                Stmt::Loop { var: inner, extent: SUM_BLOCK, kind: LoopKind::Serial, body: vec![add(part, in_block)] },
+                Stmt::Assign {
+                    var: part,
+                    value: Expr::f32(0.0),
+                },
+                Stmt::Loop {
+                    var: inner,
+                    extent: SUM_BLOCK,
+                    kind: LoopKind::Serial,
+                    body: vec![add(part, in_block)],
+                },
                 add(acc, Expr::var(part)),
             ],
         },
     ];
     let tail = extent - blocks * SUM_BLOCK;
     if tail > 0 {
-        let t = term.substitute(var, &Expr::add(Expr::i64((blocks * SUM_BLOCK) as i64), Expr::var(var)));
-        s.push(Stmt::Assign { var: part, value: Expr::f32(0.0) });
-        s.push(Stmt::Loop { var, extent: tail, kind: LoopKind::Serial, body: vec![add(part, t)] });
+        let t = term.substitute(
+            var,
+            &Expr::add(Expr::i64((blocks * SUM_BLOCK) as i64), Expr::var(var)),
+        );
+        s.push(Stmt::Assign {
+            var: part,
+            value: Expr::f32(0.0),
+        });
+        s.push(Stmt::Loop {
+            var,
+            extent: tail,
+            kind: LoopKind::Serial,
+            body: vec![add(part, t)],
+        });
         s.push(add(acc, Expr::var(part)));
     }
     s
@@ -1446,7 +1567,12 @@ fn elementwise_expr(
         Op::Unary(u) => {
             let int_ok = matches!(
                 u,
-                UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not | UnaryOp::BitwiseNot | UnaryOp::Sign
+                UnaryOp::Neg
+                    | UnaryOp::Abs
+                    | UnaryOp::Relu
+                    | UnaryOp::Not
+                    | UnaryOp::BitwiseNot
+                    | UnaryOp::Sign
             );
             if !float && !int_ok {
                 return Err(format!("{u:?} is only lowered for f32"));
