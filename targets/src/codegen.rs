@@ -639,7 +639,7 @@ impl KernelGen<'_, '_> {
                 8.333_452e-3,
                 4.166_579_6e-2,
                 1.666_666_5e-1,
-                5.000_000_1e-1,
+                0.5,
             ],
         );
         let r2 = self.b.ins().fmul(r, r);
@@ -778,7 +778,7 @@ impl KernelGen<'_, '_> {
     ) -> Result<(), CodegenError> {
         let v = self.vars[var];
         let unroll = match kind {
-            LoopKind::Unrolled(n) if n > 1 && extent % n == 0 => n,
+            LoopKind::Unrolled(n) if n > 1 && extent.is_multiple_of(n) => n,
             _ => 1,
         };
         let zero = self.b.ins().iconst(types::I64, 0);

@@ -1215,7 +1215,7 @@ impl<'g> Lowerer<'g> {
                 });
             }
             s.push(Stmt::Assign {
-                var: var,
+                var,
                 value: Expr::f32(0.0),
             });
             s.push(Stmt::Loop {
