@@ -7,6 +7,7 @@
 //! writer. The result is an [`ArtifactSpec`].
 
 use crate::artifact::{Arch, ArtifactSpec, DataBlob, FunctionBlob, Reloc, RelocKind};
+use crate::loop_ir::linear_coeff;
 use crate::loop_ir::*;
 use crate::lower::{BufKind, Program};
 use crate::Target;
@@ -194,6 +195,25 @@ struct KernelGen<'a, 'b> {
     k: &'a Kernel,
     ptrs: Vec<Value>,
     vars: Vec<Variable>,
+    /// Iteration range [start, end) of the kernel's parallel loop (the function's arguments).
+    range: (Value, Value),
+    /// Set while emitting the body of a vectorized loop.
+    vec: Option<VecMode>,
+}
+
+/// State of a vectorized loop: its variable, and a vector variable per local it assigns.
+struct VecMode {
+    var: VarId,
+    vvars: std::collections::HashMap<VarId, Variable>,
+}
+
+/// The f32 vector type of vectorized loops (128-bit: NEON and SSE).
+const VF32: Type = types::F32X4;
+const LANES: usize = 4;
+
+/// Unaligned, non-trapping access for vector loads and stores.
+fn vflags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
 }
 
 fn flags() -> MemFlagsData {
@@ -750,22 +770,169 @@ impl KernelGen<'_, '_> {
         for s in stmts {
             match s {
                 Stmt::Assign { var, value } => {
-                    let v = self.expr_as(value, self.k.vars[*var])?;
-                    self.b.def_var(self.vars[*var], v);
+                    if let Some(vv) = self.vec.as_ref().and_then(|m| m.vvars.get(var)).copied() {
+                        let v = self.vexpr_splat(value)?;
+                        self.b.def_var(vv, v);
+                    } else {
+                        let v = self.expr_as(value, self.k.vars[*var])?;
+                        self.b.def_var(self.vars[*var], v);
+                    }
                 }
                 Stmt::Store { buf, index, value } => {
-                    let v = self.expr_as(value, self.k.params[*buf].scalar)?;
-                    let addr = self.address(*buf, index)?;
-                    self.b.ins().store(flags(), v, addr, 0);
+                    if self.vec.is_some() {
+                        let v = self.vexpr_splat(value)?;
+                        let addr = self.address(*buf, index)?;
+                        self.b.ins().store(vflags(), v, addr, 0);
+                    } else {
+                        let v = self.expr_as(value, self.k.params[*buf].scalar)?;
+                        let addr = self.address(*buf, index)?;
+                        self.b.ins().store(flags(), v, addr, 0);
+                    }
                 }
                 Stmt::Loop {
                     var,
                     extent,
                     kind,
                     body,
-                } => self.emit_loop(*var, *extent, *kind, body)?,
+                } => match kind {
+                    LoopKind::Vectorized(lanes) if *lanes == LANES && self.vec.is_none() => {
+                        self.emit_vector_loop(*var, *extent, body)?
+                    }
+                    LoopKind::Parallel => {
+                        let (start, end) = self.range;
+                        self.emit_range_loop(*var, start, end, 1, body)?
+                    }
+                    _ => self.emit_loop(*var, *extent, *kind, body)?,
+                },
             }
         }
+        Ok(())
+    }
+
+    /// A vector-mode expression: `(value, is_vector)`. Loads contiguous in the vector loop's
+    /// variable become vector loads; everything invariant stays scalar until combined.
+    fn vexpr(&mut self, e: &Expr) -> Result<(Value, bool), CodegenError> {
+        let var = self.vec.as_ref().map(|m| m.var).expect("vector mode");
+        Ok(match e {
+            Expr::Var(x) => match self.vec.as_ref().and_then(|m| m.vvars.get(x)).copied() {
+                Some(vv) => (self.b.use_var(vv), true),
+                None => (self.b.use_var(self.vars[*x]), false),
+            },
+            Expr::Load { buf, index } if linear_coeff(index, var) == Some(1) => {
+                let addr = self.address(*buf, index)?;
+                (self.b.ins().load(VF32, vflags(), addr, 0), true)
+            }
+            Expr::Bin { op, a, b } => {
+                let (x, xv) = self.vexpr(a)?;
+                let (y, yv) = self.vexpr(b)?;
+                if !(xv || yv) {
+                    return Ok((self.binop(*op, Scalar::F32, x, y)?, false));
+                }
+                let x = if xv { x } else { self.b.ins().splat(VF32, x) };
+                let y = if yv { y } else { self.b.ins().splat(VF32, y) };
+                let i = self.b.ins();
+                let r = match op {
+                    BinOp::Add => i.fadd(x, y),
+                    BinOp::Sub => i.fsub(x, y),
+                    BinOp::Mul => i.fmul(x, y),
+                    BinOp::Div => i.fdiv(x, y),
+                    BinOp::Min => i.fmin(x, y),
+                    BinOp::Max => i.fmax(x, y),
+                    other => return Err(self.err(format!("{other:?} has no vector form"))),
+                };
+                (r, true)
+            }
+            Expr::Un { op, a } => {
+                let (x, xv) = self.vexpr(a)?;
+                if !xv {
+                    return Ok((self.unop(*op, Scalar::F32, x)?, false));
+                }
+                let r = match op {
+                    UnOp::Neg => self.b.ins().fneg(x),
+                    UnOp::Abs => self.b.ins().fabs(x),
+                    UnOp::Sqrt => self.b.ins().sqrt(x),
+                    UnOp::Recip => {
+                        let one = self.fconst(1.0);
+                        let one = self.b.ins().splat(VF32, one);
+                        self.b.ins().fdiv(one, x)
+                    }
+                    other => return Err(self.err(format!("{other:?} has no vector form"))),
+                };
+                (r, true)
+            }
+            other => (self.expr_as(other, Scalar::F32)?, false),
+        })
+    }
+
+    fn vexpr_splat(&mut self, e: &Expr) -> Result<Value, CodegenError> {
+        let (v, is_vec) = self.vexpr(e)?;
+        Ok(if is_vec {
+            v
+        } else {
+            self.b.ins().splat(VF32, v)
+        })
+    }
+
+    /// `extent / 4 * 4` iterations in 4-lane vectors, then the rest one by one.
+    fn emit_vector_loop(
+        &mut self,
+        var: VarId,
+        extent: usize,
+        body: &[Stmt],
+    ) -> Result<(), CodegenError> {
+        let main = extent / LANES * LANES;
+        let mut locals = std::collections::HashSet::new();
+        collect_assigned(body, &mut locals);
+        let mut vvars = std::collections::HashMap::new();
+        let zero = self.fconst(0.0);
+        let zero_v = self.b.ins().splat(VF32, zero);
+        let mut sorted: Vec<VarId> = locals.into_iter().collect();
+        sorted.sort();
+        for x in sorted {
+            let vv = self.b.declare_var(VF32);
+            self.b.def_var(vv, zero_v);
+            vvars.insert(x, vv);
+        }
+        let start = self.b.ins().iconst(types::I64, 0);
+        let end = self.b.ins().iconst(types::I64, main as i64);
+        self.vec = Some(VecMode { var, vvars });
+        let r = self.emit_range_loop(var, start, end, LANES as i64, body);
+        self.vec = None;
+        r?;
+        if main < extent {
+            let start = self.b.ins().iconst(types::I64, main as i64);
+            let end = self.b.ins().iconst(types::I64, extent as i64);
+            self.emit_range_loop(var, start, end, 1, body)?;
+        }
+        Ok(())
+    }
+
+    /// `for var in (start..end).step_by(step) { body }` with runtime bounds.
+    fn emit_range_loop(
+        &mut self,
+        var: VarId,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &[Stmt],
+    ) -> Result<(), CodegenError> {
+        let v = self.vars[var];
+        self.b.def_var(v, start);
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let iv = self.b.use_var(v);
+        let cond = self.b.ins().icmp(IntCC::SignedLessThan, iv, end);
+        self.b.ins().brif(cond, body_block, &[], exit, &[]);
+        self.b.switch_to_block(body_block);
+        self.stmts(body)?;
+        let last = self.b.use_var(v);
+        let next = self.b.ins().iadd_imm_s(last, step);
+        self.b.def_var(v, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
         Ok(())
     }
 
@@ -812,15 +979,43 @@ impl KernelGen<'_, '_> {
     }
 }
 
+fn collect_assigned(stmts: &[Stmt], out: &mut std::collections::HashSet<VarId>) {
+    for s in stmts {
+        match s {
+            Stmt::Assign { var, .. } => {
+                out.insert(*var);
+            }
+            Stmt::Loop { body, .. } => collect_assigned(body, out),
+            Stmt::Store { .. } => {}
+        }
+    }
+}
+
+/// The extent of a kernel's parallel loop, if it has one.
+fn parallel_extent(k: &Kernel) -> Option<usize> {
+    k.body.iter().find_map(|s| match s {
+        Stmt::Loop {
+            kind: LoopKind::Parallel,
+            extent,
+            ..
+        } => Some(*extent),
+        _ => None,
+    })
+}
+
 fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, CodegenError> {
-    let sig = m.signature(&[m.ptr()], None);
+    let sig = m.signature(&[m.ptr(), types::I64, types::I64], None);
     let mut func = ir::Function::with_name_signature(UserFuncName::user(NS_FUNC, 0), sig);
     let mut fctx = FunctionBuilderContext::new();
     let mut b = FunctionBuilder::new(&mut func, &mut fctx);
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
-    let bufs = b.block_params(entry)[0];
+    let (bufs, start, end) = (
+        b.block_params(entry)[0],
+        b.block_params(entry)[1],
+        b.block_params(entry)[2],
+    );
     let ptrs: Vec<Value> = (0..k.params.len())
         .map(|i| b.ins().load(types::I64, flags(), bufs, (8 * i) as i32))
         .collect();
@@ -840,6 +1035,8 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
         k,
         ptrs,
         vars,
+        range: (start, end),
+        vec: None,
     };
     g.stmts(&k.body)?;
     b.ins().return_(&[]);
@@ -1104,8 +1301,47 @@ fn abi_functions(
         vec![b.ins().iconst(types::I32, nk)]
     })?;
 
+    // Task functions for kernels with a parallel loop: task(ctx, i) runs chunk i of the loop,
+    // where ctx = {bufs, chunks}. The runtime's parallel_for calls them.
+    let kernel_sig = m.signature(&[ptr, types::I64, types::I64], None);
+    let mut task_ids: Vec<Option<(u32, usize)>> = Vec::new();
+    for (si, (s, &kid)) in p.steps.iter().zip(kernel_ids).enumerate() {
+        let Some(extent) = parallel_extent(&s.kernel) else {
+            task_ids.push(None);
+            continue;
+        };
+        let name = format!("kiln_t{si}");
+        let ksig = kernel_sig.clone();
+        build(m, &name, &[ptr, types::I64], None, move |b, a, _| {
+            let (ctx, i) = (a[0], a[1]);
+            let bufs = b.ins().load(types::I64, flags(), ctx, 0);
+            let chunks = b.ins().load(types::I64, flags(), ctx, 8);
+            let e = b.ins().iconst(types::I64, extent as i64);
+            let e1 = b.ins().iadd(e, chunks);
+            let e1 = b.ins().iadd_imm_s(e1, -1);
+            let chunk = b.ins().sdiv(e1, chunks);
+            let start = b.ins().imul(i, chunk);
+            let end = b.ins().iadd(start, chunk);
+            let end = b.ins().smin(end, e);
+            let sigref = b.import_signature(ksig);
+            let r = b
+                .func
+                .declare_imported_user_function(UserExternalName::new(NS_FUNC, kid));
+            let fref = b.import_function(ExtFuncData {
+                name: ExternalName::User(r),
+                signature: sigref,
+                colocated: true,
+                patchable: false,
+            });
+            b.ins().call(fref, &[bufs, start, end]);
+            vec![]
+        })?;
+        task_ids.push(Some(((m.func_names.len() - 1) as u32, extent)));
+    }
+    let task_sig = m.signature(&[ptr, types::I64], None);
+    let pf_sig = m.signature(&[ptr, types::I64, ptr, ptr], None);
+
     // kiln_run(host, inputs, outputs, workspace) -> i32
-    let kernel_sig = m.signature(&[ptr], None);
     let steps: Vec<(u32, Vec<usize>)> = p
         .steps
         .iter()
@@ -1127,7 +1363,7 @@ fn abi_functions(
         &[ptr, ptr, ptr, ptr],
         Some(types::I32),
         move |b, a, _| {
-            let (_host, inputs, outputs, ws) = (a[0], a[1], a[2], a[3]);
+            let (host, inputs, outputs, ws) = (a[0], a[1], a[2], a[3]);
             let fail = b.create_block();
             let ok = b.create_block();
             // Null checks.
@@ -1149,7 +1385,11 @@ fn abi_functions(
                 3,
             ));
             let sigref = b.import_signature(kernel_sig);
-            for (id, args) in &steps {
+            let task_sigref = b.import_signature(task_sig);
+            let pf_sigref = b.import_signature(pf_sig);
+            let ctx_slot =
+                b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 3));
+            for (si, (id, args)) in steps.iter().enumerate() {
                 for (j, &buf) in args.iter().enumerate() {
                     let v = match &kinds[buf] {
                         BufKind::Input(i) => {
@@ -1175,7 +1415,54 @@ fn abi_functions(
                     patchable: false,
                 });
                 let addr = b.ins().stack_addr(types::I64, slot, 0);
-                b.ins().call(fref, &[addr]);
+                match task_ids[si] {
+                    None => {
+                        let z = b.ins().iconst(types::I64, 0);
+                        b.ins().call(fref, &[addr, z, z]);
+                    }
+                    Some((task, extent)) => {
+                        // With a host that has threads: parallel_for over min(threads, extent)
+                        // chunks; otherwise the whole range on this thread.
+                        let serial = b.create_block();
+                        let check = b.create_block();
+                        let par = b.create_block();
+                        let done = b.create_block();
+                        b.ins().brif(host, check, &[], serial, &[]);
+                        b.switch_to_block(check);
+                        let nt = b.ins().sload32(flags(), host, 4);
+                        let user = b.ins().load(types::I64, flags(), host, 8);
+                        let pf = b.ins().load(types::I64, flags(), host, 16);
+                        let many = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, nt, 1);
+                        let has_pf = b.ins().icmp_imm_s(IntCC::NotEqual, pf, 0);
+                        let go = b.ins().band(many, has_pf);
+                        b.ins().brif(go, par, &[], serial, &[]);
+                        b.switch_to_block(par);
+                        let e = b.ins().iconst(types::I64, extent as i64);
+                        let chunks = b.ins().smin(nt, e);
+                        b.ins().stack_store(types::I64, addr, ctx_slot, 0);
+                        b.ins().stack_store(types::I64, chunks, ctx_slot, 8);
+                        let ctx = b.ins().stack_addr(types::I64, ctx_slot, 0);
+                        let tr = b
+                            .func
+                            .declare_imported_user_function(UserExternalName::new(NS_FUNC, task));
+                        let tref = b.import_function(ExtFuncData {
+                            name: ExternalName::User(tr),
+                            signature: task_sigref,
+                            colocated: true,
+                            patchable: false,
+                        });
+                        let task_addr = b.ins().func_addr(types::I64, tref);
+                        b.ins()
+                            .call_indirect(pf_sigref, pf, &[user, chunks, task_addr, ctx]);
+                        b.ins().jump(done, &[]);
+                        b.switch_to_block(serial);
+                        let z = b.ins().iconst(types::I64, 0);
+                        let e = b.ins().iconst(types::I64, extent as i64);
+                        b.ins().call(fref, &[addr, z, e]);
+                        b.ins().jump(done, &[]);
+                        b.switch_to_block(done);
+                    }
+                }
             }
             vec![b.ins().iconst(types::I32, 0)]
         },

@@ -8,6 +8,7 @@ pub mod codegen;
 pub mod loop_ir;
 pub mod lower;
 pub mod plan;
+pub mod schedule;
 
 use std::fmt;
 
@@ -91,12 +92,15 @@ pub const TARGETS: &[Target] = &[
 pub struct CompileOptions {
     /// DT_SONAME of the artifact.
     pub soname: String,
+    /// Loop schedule applied to every kernel.
+    pub schedule: schedule::ScheduleOptions,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             soname: "libkiln_model.so".into(),
+            schedule: Default::default(),
         }
     }
 }
@@ -150,7 +154,10 @@ pub fn compile(
     target: &Target,
     options: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
-    let program = lower::lower(graph)?;
+    let mut program = lower::lower(graph)?;
+    for step in &mut program.steps {
+        schedule::schedule(&mut step.kernel, &options.schedule);
+    }
     let mem = plan::plan(&program);
     let (spec, stats) =
         codegen::generate(target, &program, &mem.offsets, mem.peak, &options.soname)?;

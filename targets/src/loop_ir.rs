@@ -241,6 +241,10 @@ pub enum LoopKind {
     Unrolled(usize),
     /// Iterations are split over the runtime's threads (outermost loop only).
     Parallel,
+    /// Runs `lanes` consecutive iterations at once in SIMD registers (then a scalar tail):
+    /// loads and stores whose index advances by 1 with the loop variable become vector
+    /// accesses, loop-invariant ones are broadcast, locals assigned inside become vectors.
+    Vectorized(usize),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -320,12 +324,23 @@ pub fn nest(
     let vars: Vec<VarId> = extents.iter().map(|_| k.new_var(Scalar::I64)).collect();
     let mut stmts = body(k, &vars);
     for (d, &e) in extents.iter().enumerate().rev() {
-        stmts = vec![Stmt::Loop {
-            var: vars[d],
-            extent: e,
-            kind: LoopKind::Serial,
-            body: stmts,
-        }];
+        if e == 1 {
+            // A loop of one iteration is just its body with the variable at 0.
+            stmts.insert(
+                0,
+                Stmt::Assign {
+                    var: vars[d],
+                    value: Expr::i64(0),
+                },
+            );
+        } else {
+            stmts = vec![Stmt::Loop {
+                var: vars[d],
+                extent: e,
+                kind: LoopKind::Serial,
+                body: stmts,
+            }];
+        }
     }
     stmts
 }
@@ -339,6 +354,48 @@ pub fn index(vars: &[VarId], strides: &[usize], offset: usize) -> Expr {
         }
     }
     e
+}
+
+/// The coefficient of variable `v` in an integer index expression, if the expression is linear
+/// in `v` (sums and products by constants of variables and constants). `Some(0)`: independent.
+pub fn linear_coeff(e: &Expr, v: VarId) -> Option<i64> {
+    match e {
+        Expr::Const(_) => Some(0),
+        Expr::Var(x) => Some(if *x == v { 1 } else { 0 }),
+        Expr::Bin {
+            op: BinOp::Add,
+            a,
+            b,
+        } => Some(linear_coeff(a, v)? + linear_coeff(b, v)?),
+        Expr::Bin {
+            op: BinOp::Sub,
+            a,
+            b,
+        } => Some(linear_coeff(a, v)? - linear_coeff(b, v)?),
+        Expr::Bin {
+            op: BinOp::Mul,
+            a,
+            b,
+        } => match (&**a, &**b) {
+            (Expr::Const(Const::I64(c)), x) | (x, Expr::Const(Const::I64(c))) => {
+                Some(c * linear_coeff(x, v)?)
+            }
+            (x, y) => (linear_coeff(x, v)? == 0 && linear_coeff(y, v)? == 0).then_some(0),
+        },
+        other => (!mentions(other, v)).then_some(0),
+    }
+}
+
+/// Whether `e` reads variable `v`.
+pub fn mentions(e: &Expr, v: VarId) -> bool {
+    match e {
+        Expr::Const(_) => false,
+        Expr::Var(x) => *x == v,
+        Expr::Load { index, .. } => mentions(index, v),
+        Expr::Bin { a, b, .. } | Expr::Cmp { a, b, .. } => mentions(a, v) || mentions(b, v),
+        Expr::Un { a, .. } | Expr::Cast { a, .. } => mentions(a, v),
+        Expr::Select { cond, a, b } => mentions(cond, v) || mentions(a, v) || mentions(b, v),
+    }
 }
 
 // ---- text form
@@ -375,6 +432,7 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt:
                     LoopKind::Serial => String::new(),
                     LoopKind::Unrolled(n) => format!(" unroll({n})"),
                     LoopKind::Parallel => " parallel".into(),
+                    LoopKind::Vectorized(n) => format!(" vectorize({n})"),
                 };
                 writeln!(f, "{pad}for v{var} in 0..{extent}{k} {{")?;
                 write_stmts(f, body, depth + 1)?;
