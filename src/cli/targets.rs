@@ -23,6 +23,6 @@ pub fn run() -> Result<ExitCode> {
             t.description
         );
     }
-    println!("(code generation for these targets arrives with `kiln compile`; this build runs models with the reference interpreter only)");
+    println!("(code generators today: x86_64, aarch64-neon, aarch64-neon-dotprod; aarch64-sve and cuda-sm80 are described but have no code generator yet)");
     Ok(ExitCode::SUCCESS)
 }

@@ -5,25 +5,73 @@
 //! and the host conformance run.
 
 use kiln_compiler::dtype::DType;
-use kiln_compiler::ir::{BinaryOp, Constant, Graph, Node, Op, SoftmaxKind, UnaryOp, ValueDef, ValueType};
+use kiln_compiler::ir::{
+    BinaryOp, Constant, Graph, Node, Op, SoftmaxKind, UnaryOp, ValueDef, ValueType,
+};
 use kiln_compiler::Tensor;
 use kiln_targets::lower::lower;
 use kiln_targets::schedule::{schedule, ScheduleOptions};
 
 fn graph() -> Graph {
-    let mut g = Graph { name: "tiny".into(), ..Default::default() };
-    let x = g.add_value("x", ValueType::fixed(DType::F32, &[16, 8]), ValueDef::Input(0));
+    let mut g = Graph {
+        name: "tiny".into(),
+        ..Default::default()
+    };
+    let x = g.add_value(
+        "x",
+        ValueType::fixed(DType::F32, &[16, 8]),
+        ValueDef::Input(0),
+    );
     g.inputs.push(x);
-    let w = g.add_constant("w", Constant::from_tensor(&Tensor::from_vec(vec![8, 12], (0..96).map(|i| i as f32 * 0.01).collect::<Vec<f32>>())));
-    let b = g.add_constant("b", Constant::from_tensor(&Tensor::from_vec(vec![12], vec![0.5f32; 12])));
-    let t = |g: &mut Graph, name: &str| g.add_value(name, ValueType::fixed(DType::F32, &[16, 12]), ValueDef::Undefined);
-    let (mm, add, relu, y) = (t(&mut g, "mm"), t(&mut g, "add"), t(&mut g, "relu"), t(&mut g, "y"));
-    g.add_node(Node { name: "matmul".into(), op: Op::MatMul, inputs: vec![Some(x), Some(w)], outputs: vec![mm] });
-    g.add_node(Node { name: "add".into(), op: Op::Binary(BinaryOp::Add), inputs: vec![Some(mm), Some(b)], outputs: vec![add] });
-    g.add_node(Node { name: "relu".into(), op: Op::Unary(UnaryOp::Relu), inputs: vec![Some(add)], outputs: vec![relu] });
+    let w = g.add_constant(
+        "w",
+        Constant::from_tensor(&Tensor::from_vec(
+            vec![8, 12],
+            (0..96).map(|i| i as f32 * 0.01).collect::<Vec<f32>>(),
+        )),
+    );
+    let b = g.add_constant(
+        "b",
+        Constant::from_tensor(&Tensor::from_vec(vec![12], vec![0.5f32; 12])),
+    );
+    let t = |g: &mut Graph, name: &str| {
+        g.add_value(
+            name,
+            ValueType::fixed(DType::F32, &[16, 12]),
+            ValueDef::Undefined,
+        )
+    };
+    let (mm, add, relu, y) = (
+        t(&mut g, "mm"),
+        t(&mut g, "add"),
+        t(&mut g, "relu"),
+        t(&mut g, "y"),
+    );
+    g.add_node(Node {
+        name: "matmul".into(),
+        op: Op::MatMul,
+        inputs: vec![Some(x), Some(w)],
+        outputs: vec![mm],
+    });
+    g.add_node(Node {
+        name: "add".into(),
+        op: Op::Binary(BinaryOp::Add),
+        inputs: vec![Some(mm), Some(b)],
+        outputs: vec![add],
+    });
+    g.add_node(Node {
+        name: "relu".into(),
+        op: Op::Unary(UnaryOp::Relu),
+        inputs: vec![Some(add)],
+        outputs: vec![relu],
+    });
     g.add_node(Node {
         name: "softmax".into(),
-        op: Op::Softmax { kind: SoftmaxKind::Softmax, axis: -1, coerce_2d: false },
+        op: Op::Softmax {
+            kind: SoftmaxKind::Softmax,
+            axis: -1,
+            coerce_2d: false,
+        },
         inputs: vec![Some(relu)],
         outputs: vec![y],
     });
@@ -34,7 +82,11 @@ fn graph() -> Graph {
 #[test]
 fn kernels_before_and_after_scheduling() {
     let program = lower(&graph()).unwrap();
-    let opts = ScheduleOptions { vector_lanes: 4, unroll: 4, parallel_min_work: 64 };
+    let opts = ScheduleOptions {
+        vector_lanes: 4,
+        unroll: 4,
+        parallel_min_work: 64,
+    };
     let mut text = String::new();
     for step in &program.steps {
         let mut k = step.kernel.clone();
