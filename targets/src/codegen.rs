@@ -1188,6 +1188,19 @@ fn build(
     m.compile(id, func)
 }
 
+/// A direct (colocated, PC-relative) reference to function `id` of this artifact.
+fn import_func(b: &mut FunctionBuilder, id: u32, signature: ir::SigRef) -> ir::FuncRef {
+    let r = b
+        .func
+        .declare_imported_user_function(UserExternalName::new(NS_FUNC, id));
+    b.import_function(ExtFuncData {
+        name: ExternalName::User(r),
+        signature,
+        colocated: true,
+        patchable: false,
+    })
+}
+
 fn data_addr(b: &mut FunctionBuilder, sym: u32) -> Value {
     let r = b
         .func
@@ -1324,15 +1337,7 @@ fn abi_functions(
             let end = b.ins().iadd(start, chunk);
             let end = b.ins().smin(end, e);
             let sigref = b.import_signature(ksig);
-            let r = b
-                .func
-                .declare_imported_user_function(UserExternalName::new(NS_FUNC, kid));
-            let fref = b.import_function(ExtFuncData {
-                name: ExternalName::User(r),
-                signature: sigref,
-                colocated: true,
-                patchable: false,
-            });
+            let fref = import_func(b, kid, sigref);
             b.ins().call(fref, &[bufs, start, end]);
             vec![]
         })?;
@@ -1405,15 +1410,7 @@ fn abi_functions(
                     };
                     b.ins().stack_store(types::I64, v, slot, (8 * j) as i32);
                 }
-                let r = b
-                    .func
-                    .declare_imported_user_function(UserExternalName::new(NS_FUNC, *id));
-                let fref = b.import_function(ExtFuncData {
-                    name: ExternalName::User(r),
-                    signature: sigref,
-                    colocated: true,
-                    patchable: false,
-                });
+                let fref = import_func(b, *id, sigref);
                 let addr = b.ins().stack_addr(types::I64, slot, 0);
                 match task_ids[si] {
                     None => {
@@ -1442,15 +1439,7 @@ fn abi_functions(
                         b.ins().stack_store(types::I64, addr, ctx_slot, 0);
                         b.ins().stack_store(types::I64, chunks, ctx_slot, 8);
                         let ctx = b.ins().stack_addr(types::I64, ctx_slot, 0);
-                        let tr = b
-                            .func
-                            .declare_imported_user_function(UserExternalName::new(NS_FUNC, task));
-                        let tref = b.import_function(ExtFuncData {
-                            name: ExternalName::User(tr),
-                            signature: task_sigref,
-                            colocated: true,
-                            patchable: false,
-                        });
+                        let tref = import_func(b, task, task_sigref);
                         let task_addr = b.ins().func_addr(types::I64, tref);
                         b.ins()
                             .call_indirect(pf_sigref, pf, &[user, chunks, task_addr, ctx]);

@@ -561,67 +561,9 @@ pub fn conv_transpose(
     } else {
         a.kernel_shape.clone()
     };
-    let ones = vec![1; r];
-    let strides_v = if a.strides.is_empty() {
-        ones.clone()
-    } else {
-        a.strides.clone()
-    };
-    let dil = if a.dilations.is_empty() {
-        ones.clone()
-    } else {
-        a.dilations.clone()
-    };
-    let opad = if output_padding.is_empty() {
-        vec![0; r]
-    } else {
-        output_padding.to_vec()
-    };
-    let mut pads = if a.pads.is_empty() {
-        vec![0; 2 * r]
-    } else {
-        a.pads.clone()
-    };
-    if pads.len() != 2 * r
-        || strides_v.len() != r
-        || dil.len() != r
-        || opad.len() != r
-        || kernel.len() != r
-    {
-        return err("ConvTranspose attribute lengths do not match the spatial rank");
-    }
-    let mut out_sp = vec![0usize; r];
-    for i in 0..r {
-        let ext = (kernel[i] - 1) * dil[i] + 1;
-        let full = strides_v[i] * (sp[i] - 1) + opad[i] + ext;
-        if !output_shape.is_empty() || matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower)
-        {
-            let target = if !output_shape.is_empty() {
-                *output_shape
-                    .get(output_shape.len() - r + i)
-                    .ok_or_else(|| KernelError("bad output_shape".into()))?
-            } else {
-                sp[i] * strides_v[i]
-            };
-            let total = full.saturating_sub(target);
-            let (b, e) = if a.auto_pad == AutoPad::SameUpper {
-                (total / 2, total - total / 2)
-            } else {
-                (total - total / 2, total / 2)
-            };
-            pads[i] = b;
-            pads[i + r] = e;
-            out_sp[i] = target;
-        } else {
-            if a.auto_pad == AutoPad::Valid {
-                pads[i] = 0;
-                pads[i + r] = 0;
-            }
-            out_sp[i] = full
-                .checked_sub(pads[i] + pads[i + r])
-                .ok_or_else(|| KernelError("pads exceed the output".into()))?;
-        }
-    }
+    let win = transpose_window(sp, &kernel, a, output_padding, output_shape)?;
+    let (strides_v, dil, out_sp) = (win.strides, win.dilations, win.output);
+    let pads = win.pad_begin;
     let xv = x.to_f64_vec();
     let wv = w.to_f64_vec();
     let in_n: usize = sp.iter().product();
@@ -675,6 +617,79 @@ pub fn conv_transpose(
     let mut shape = vec![n, m];
     shape.extend(&out_sp);
     Ok(float_tensor(x.dtype(), shape, out))
+}
+
+/// ConvTranspose geometry (strides, dilations, output_padding, output_shape, auto_pad) as ONNX
+/// defines it: `Window::output` is the output's spatial shape, `pad_begin`/`pad_end` the pads.
+/// Shared with the code generator.
+pub fn transpose_window(
+    sp: &[usize],
+    kernel: &[usize],
+    a: &ConvAttrs,
+    output_padding: &[usize],
+    output_shape: &[usize],
+) -> KResult<Window> {
+    let r = sp.len();
+    let or = |v: &[usize], d: usize| if v.is_empty() { vec![d; r] } else { v.to_vec() };
+    let strides_v = or(&a.strides, 1);
+    let dil = or(&a.dilations, 1);
+    let opad = or(output_padding, 0);
+    let mut pads = if a.pads.is_empty() {
+        vec![0; 2 * r]
+    } else {
+        a.pads.clone()
+    };
+    if pads.len() != 2 * r
+        || strides_v.len() != r
+        || dil.len() != r
+        || opad.len() != r
+        || kernel.len() != r
+        || kernel.contains(&0)
+        || strides_v.contains(&0)
+    {
+        return err("ConvTranspose attribute lengths do not match the spatial rank");
+    }
+    let mut out_sp = vec![0usize; r];
+    for i in 0..r {
+        let ext = (kernel[i] - 1) * dil[i] + 1;
+        let full = strides_v[i] * (sp[i].max(1) - 1) + opad[i] + ext;
+        if !output_shape.is_empty() || matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower)
+        {
+            let target = if !output_shape.is_empty() {
+                *output_shape
+                    .get((output_shape.len() + i).wrapping_sub(r))
+                    .ok_or_else(|| KernelError("bad output_shape".into()))?
+            } else {
+                sp[i] * strides_v[i]
+            };
+            let total = full.saturating_sub(target);
+            let (b, e) = if a.auto_pad == AutoPad::SameUpper {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            };
+            pads[i] = b;
+            pads[i + r] = e;
+            out_sp[i] = target;
+        } else {
+            if a.auto_pad == AutoPad::Valid {
+                pads[i] = 0;
+                pads[i + r] = 0;
+            }
+            out_sp[i] = full
+                .checked_sub(pads[i] + pads[i + r])
+                .ok_or_else(|| KernelError("pads exceed the output".into()))?;
+        }
+    }
+    Ok(Window {
+        input: sp.to_vec(),
+        kernel: kernel.to_vec(),
+        strides: strides_v,
+        dilations: dil,
+        pad_begin: pads[..r].to_vec(),
+        pad_end: pads[r..].to_vec(),
+        output: out_sp,
+    })
 }
 
 pub fn pool(x: &Tensor, p: &PoolAttrs, n_outputs: usize) -> KResult<Vec<Tensor>> {

@@ -16,8 +16,8 @@
 use super::{blocked_sum, Lowerer, Step, R};
 use crate::loop_ir::*;
 use kiln_compiler::dtype::DType;
-use kiln_compiler::interp::linalg::{window, Window};
-use kiln_compiler::ir::{AutoPad, ConvAttrs, Node, Op, PoolAttrs, PoolKind, ValueId};
+use kiln_compiler::interp::linalg::{transpose_window, window, Window};
+use kiln_compiler::ir::{ConvAttrs, Node, Op, PoolAttrs, PoolKind, ValueId};
 use kiln_compiler::tensor::strides;
 
 /// Whether this module lowers `op` (element types are checked when lowering).
@@ -384,57 +384,10 @@ impl Lowerer<'_> {
         } else {
             a.kernel_shape.clone()
         };
-        let or = |v: &[usize], d: usize| if v.is_empty() { vec![d; r] } else { v.to_vec() };
-        let st = or(&a.strides, 1);
-        let dil = or(&a.dilations, 1);
-        let opad = or(output_padding, 0);
-        let mut pads = or(&a.pads, 0);
-        if a.pads.is_empty() {
-            pads = vec![0; 2 * r];
-        }
-        if pads.len() != 2 * r
-            || st.len() != r
-            || dil.len() != r
-            || opad.len() != r
-            || kernel.len() != r
-            || kernel.contains(&0)
-            || st.contains(&0)
-        {
-            return Err("ConvTranspose attribute lengths do not match the spatial rank".into());
-        }
-        let mut out_sp = vec![0usize; r];
-        for i in 0..r {
-            let ext = (kernel[i] - 1) * dil[i] + 1;
-            let full = st[i] * (sp[i].max(1) - 1) + opad[i] + ext;
-            if !output_shape.is_empty()
-                || matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower)
-            {
-                let target = if !output_shape.is_empty() {
-                    *output_shape
-                        .get((output_shape.len() + i).wrapping_sub(r))
-                        .ok_or("bad output_shape")?
-                } else {
-                    sp[i] * st[i]
-                };
-                let total = full.saturating_sub(target);
-                let (b, e) = if a.auto_pad == AutoPad::SameUpper {
-                    (total / 2, total - total / 2)
-                } else {
-                    (total - total / 2, total / 2)
-                };
-                pads[i] = b;
-                pads[i + r] = e;
-                out_sp[i] = target;
-            } else {
-                if a.auto_pad == AutoPad::Valid {
-                    pads[i] = 0;
-                    pads[i + r] = 0;
-                }
-                out_sp[i] = full
-                    .checked_sub(pads[i] + pads[i + r])
-                    .ok_or("pads exceed the output")?;
-            }
-        }
+        let win =
+            transpose_window(sp, &kernel, a, output_padding, output_shape).map_err(|e| e.0)?;
+        let (st, dil, out_sp) = (win.strides, win.dilations, win.output);
+        let pads = win.pad_begin;
         let out = n.outputs[0];
         check_output(&out_sp, [nb, m], &self.shape(out)?)?;
         let in_n: usize = sp.iter().product();

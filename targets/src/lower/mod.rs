@@ -197,22 +197,7 @@ pub fn lower(g: &Graph) -> Result<Program, LowerError> {
             reason: r,
         })?;
         if src != out_bufs[i] {
-            let b = &lw.p.buffers[src];
-            let (scalar, len) = (b.scalar, b.len);
-            let mut k = Kernel::new(format!("copy_output_{i}"));
-            let x = k.param("src", scalar, len, false);
-            let y = k.param("dst", scalar, len, true);
-            k.body = nest(&mut k, &[len], |_, v| {
-                vec![Stmt::Store {
-                    buf: y,
-                    index: Expr::var(v[0]),
-                    value: Expr::load(x, Expr::var(v[0])),
-                }]
-            });
-            lw.p.steps.push(Step {
-                kernel: k,
-                args: vec![src, out_bufs[i]],
-            });
+            lw.push_copy(format!("copy_output_{i}"), src, out_bufs[i]);
         }
     }
     Ok(lw.p)
@@ -638,9 +623,15 @@ impl<'g> Lowerer<'g> {
     }
 
     fn copy(&mut self, n: &Node, src: usize, dst: usize) -> R<()> {
+        self.push_copy(format!("{}_copy", n.name), src, dst);
+        Ok(())
+    }
+
+    /// A kernel copying buffer `src` into `dst` (same type and length).
+    fn push_copy(&mut self, name: String, src: usize, dst: usize) {
         let b = &self.p.buffers[src];
         let (scalar, len) = (b.scalar, b.len);
-        let mut k = Kernel::new(format!("{}_copy", n.name));
+        let mut k = Kernel::new(name);
         let x = k.param("src", scalar, len, false);
         let y = k.param("dst", scalar, len, true);
         k.body = nest(&mut k, &[len], |_, v| {
@@ -654,7 +645,6 @@ impl<'g> Lowerer<'g> {
             kernel: k,
             args: vec![src, dst],
         });
-        Ok(())
     }
 
     /// out[idx] = in[offset + sum(idx[d] * in_strides[d])] over `out_shape`.
