@@ -1,4 +1,4 @@
-//! Compiled artifacts against the reference interpreter: every test-pack model compiled for
+//! Compiled artifacts against the reference interpreter: all five test-pack models compiled for
 //! x86_64 runs natively through kiln-runtime, and for aarch64-neon / aarch64-neon-dotprod runs
 //! under qemu-aarch64 through the C harness (runtime/c/kiln_run.c); all outputs must match the
 //! interpreter within rtol 1e-3, atol 1e-4. Also: artifact structure (no NEEDED, 16 KiB LOAD
@@ -119,6 +119,11 @@ fn x86_64_smollm2() {
     check_x86("smollm2_135m");
 }
 
+#[test]
+fn x86_64_smollm2_seq128() {
+    check_x86("smollm2_135m_seq128");
+}
+
 // ---- aarch64 under qemu
 
 fn tool(name: &str) -> PathBuf {
@@ -226,6 +231,16 @@ fn aarch64_tiny_gpt2() {
 #[test]
 fn aarch64_minilm() {
     check_aarch64("minilm_l6_v2");
+}
+
+#[test]
+fn aarch64_smollm2() {
+    check_aarch64("smollm2_135m");
+}
+
+#[test]
+fn aarch64_smollm2_seq128() {
+    check_aarch64("smollm2_135m_seq128");
 }
 
 #[test]
