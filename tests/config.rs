@@ -64,7 +64,8 @@ fn examples_compile_and_produce_artifacts() {
         let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
         assert_eq!(r.code, Some(0), "{example}: {}", r.stderr);
         assert!(
-            r.stdout.contains("loop_unroll_factor 4 (innermost serial loops)"),
+            r.stdout
+                .contains("loop_unroll_factor 4 (innermost serial loops)"),
             "{example}: {}",
             r.stdout
         );

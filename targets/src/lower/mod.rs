@@ -831,22 +831,31 @@ impl<'g> Lowerer<'g> {
         let dst = self.out_buffer(out)?;
         args.push(dst);
         let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
-        let acc = k.new_var(Scalar::F32);
+        // Register blocking over rows: each step of the reduction loads a vector of B once and
+        // uses it for `rows` rows of A (one accumulator per row).
+        let rows = [8usize, 4, 2, 1]
+            .into_iter()
+            .find(|r| m.is_multiple_of(*r))
+            .unwrap_or(1);
+        let accs: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
         let mut ext = batch.clone();
-        ext.push(m);
+        ext.push(m / rows);
         ext.push(nn);
-        debug_assert_eq!(ext.iter().product::<usize>(), osh.iter().product::<usize>());
+        debug_assert_eq!(
+            ext.iter().product::<usize>() * rows,
+            osh.iter().product::<usize>()
+        );
         let nb = batch.len();
+        let out_batch: Vec<usize> = strides(&batch).iter().map(|s| s * m * nn).collect();
         k.body = nest(&mut k, &ext, |k, v| {
-            let (bv, i, j) = (&v[..nb], v[nb], v[nb + 1]);
+            let (bv, io, j) = (&v[..nb], v[nb], v[nb + 1]);
             let p = k.new_var(Scalar::I64);
-            let a_idx = Expr::add(
-                index(bv, &a_bs, 0),
+            let row = |r: usize| {
                 Expr::add(
-                    Expr::mul(Expr::var(i), Expr::i64(a_rs as i64)),
-                    Expr::mul(Expr::var(p), Expr::i64(a_cs as i64)),
-                ),
-            );
+                    Expr::mul(Expr::var(io), Expr::i64(rows as i64)),
+                    Expr::i64(r as i64),
+                )
+            };
             let b_idx = Expr::add(
                 index(bv, &b_bs, 0),
                 Expr::add(
@@ -854,41 +863,51 @@ impl<'g> Lowerer<'g> {
                     Expr::mul(Expr::var(j), Expr::i64(b_cs as i64)),
                 ),
             );
-            let prod = Expr::mul(Expr::load(ap, a_idx), Expr::load(bp, b_idx));
-            let mut result = Expr::var(acc);
-            if let Some((alpha, beta, _, _)) = gemm {
-                if alpha != 1.0 {
-                    result = Expr::mul(Expr::f32(alpha), result);
-                }
-                if let Some((cp, cs)) = &c {
-                    let cv = Expr::load(*cp, index(&[i, j], cs, 0));
-                    result = Expr::add(
-                        result,
-                        if beta == 1.0 {
-                            cv
-                        } else {
-                            Expr::mul(Expr::f32(beta), cv)
-                        },
+            let terms: Vec<Expr> = (0..rows)
+                .map(|r| {
+                    let a_idx = Expr::add(
+                        index(bv, &a_bs, 0),
+                        Expr::add(
+                            Expr::mul(row(r), Expr::i64(a_rs as i64)),
+                            Expr::mul(Expr::var(p), Expr::i64(a_cs as i64)),
+                        ),
                     );
+                    Expr::mul(Expr::load(ap, a_idx), Expr::load(bp, b_idx.clone()))
+                })
+                .collect();
+            let mut s = blocked_sums(k, &accs, p, kk, &terms);
+            for (r, &acc) in accs.iter().enumerate() {
+                let mut result = Expr::var(acc);
+                if let Some((alpha, beta, _, _)) = gemm {
+                    if alpha != 1.0 {
+                        result = Expr::mul(Expr::f32(alpha), result);
+                    }
+                    if let Some((cp, cs)) = &c {
+                        let c_idx = Expr::add(
+                            Expr::mul(row(r), Expr::i64(cs[0] as i64)),
+                            Expr::mul(Expr::var(j), Expr::i64(cs[1] as i64)),
+                        );
+                        let cv = Expr::load(*cp, c_idx);
+                        result = Expr::add(
+                            result,
+                            if beta == 1.0 {
+                                cv
+                            } else {
+                                Expr::mul(Expr::f32(beta), cv)
+                            },
+                        );
+                    }
                 }
+                let out_idx = Expr::add(
+                    index(bv, &out_batch, 0),
+                    Expr::add(Expr::mul(row(r), Expr::i64(nn as i64)), Expr::var(j)),
+                );
+                s.push(Stmt::Store {
+                    buf: yp,
+                    index: out_idx,
+                    value: result,
+                });
             }
-            let out_idx = Expr::add(
-                index(
-                    bv,
-                    &strides(&batch)
-                        .iter()
-                        .map(|s| s * m * nn)
-                        .collect::<Vec<_>>(),
-                    0,
-                ),
-                Expr::add(Expr::mul(Expr::var(i), Expr::i64(nn as i64)), Expr::var(j)),
-            );
-            let mut s = blocked_sum(k, acc, p, kk, prod);
-            s.push(Stmt::Store {
-                buf: yp,
-                index: out_idx,
-                value: result,
-            });
             s
         });
         self.p.steps.push(Step { kernel: k, args });
@@ -1426,25 +1445,42 @@ const SUM_BLOCK: usize = 64;
 /// partial sums are then added: the rounding error grows with about extent/64 + 64 terms
 /// instead of `extent`, which keeps long dot products within the reference tolerance.
 fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr) -> Vec<Stmt> {
+    blocked_sums(k, &[acc], var, extent, &[term])
+}
+
+/// [`blocked_sum`] for several sums over the same loop at once (`accs[r] = sum terms[r]`),
+/// sharing the loops: a register-blocked kernel loads what the terms share once per step.
+pub(crate) fn blocked_sums(
+    k: &mut Kernel,
+    accs: &[VarId],
+    var: VarId,
+    extent: usize,
+    terms: &[Expr],
+) -> Vec<Stmt> {
     let add = |a: VarId, e: Expr| Stmt::Assign {
         var: a,
         value: Expr::add(Expr::var(a), e),
     };
+    let zero = |a: VarId| Stmt::Assign {
+        var: a,
+        value: Expr::f32(0.0),
+    };
+    let mut s: Vec<Stmt> = accs.iter().map(|&a| zero(a)).collect();
     if extent <= SUM_BLOCK {
-        return vec![
-            Stmt::Assign {
-                var: acc,
-                value: Expr::f32(0.0),
-            },
-            Stmt::Loop {
-                var,
-                extent,
-                kind: LoopKind::Serial,
-                body: vec![add(acc, term)],
-            },
-        ];
+        let body = accs
+            .iter()
+            .zip(terms)
+            .map(|(&a, t)| add(a, t.clone()))
+            .collect();
+        s.push(Stmt::Loop {
+            var,
+            extent,
+            kind: LoopKind::Serial,
+            body,
+        });
+        return s;
     }
-    let part = k.new_var(Scalar::F32);
+    let parts: Vec<VarId> = accs.iter().map(|_| k.new_var(Scalar::F32)).collect();
     let blk = k.new_var(Scalar::I64);
     let inner = k.new_var(Scalar::I64);
     let blocks = extent / SUM_BLOCK;
@@ -1453,48 +1489,39 @@ fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr
         Expr::mul(Expr::var(blk), Expr::i64(SUM_BLOCK as i64)),
         Expr::var(inner),
     );
-    let in_block = term.substitute(var, &at);
-    let mut s = vec![
-        Stmt::Assign {
-            var: acc,
-            value: Expr::f32(0.0),
-        },
-        Stmt::Loop {
-            var: blk,
-            extent: blocks,
-            kind: LoopKind::Serial,
-            body: vec![
-                Stmt::Assign {
-                    var: part,
-                    value: Expr::f32(0.0),
-                },
-                Stmt::Loop {
-                    var: inner,
-                    extent: SUM_BLOCK,
-                    kind: LoopKind::Serial,
-                    body: vec![add(part, in_block)],
-                },
-                add(acc, Expr::var(part)),
-            ],
-        },
-    ];
+    let mut body: Vec<Stmt> = parts.iter().map(|&p| zero(p)).collect();
+    body.push(Stmt::Loop {
+        var: inner,
+        extent: SUM_BLOCK,
+        kind: LoopKind::Serial,
+        body: parts
+            .iter()
+            .zip(terms)
+            .map(|(&p, t)| add(p, t.substitute(var, &at)))
+            .collect(),
+    });
+    body.extend(accs.iter().zip(&parts).map(|(&a, &p)| add(a, Expr::var(p))));
+    s.push(Stmt::Loop {
+        var: blk,
+        extent: blocks,
+        kind: LoopKind::Serial,
+        body,
+    });
     let tail = extent - blocks * SUM_BLOCK;
     if tail > 0 {
-        let t = term.substitute(
-            var,
-            &Expr::add(Expr::i64((blocks * SUM_BLOCK) as i64), Expr::var(var)),
-        );
-        s.push(Stmt::Assign {
-            var: part,
-            value: Expr::f32(0.0),
-        });
+        let shifted = Expr::add(Expr::i64((blocks * SUM_BLOCK) as i64), Expr::var(var));
+        s.extend(parts.iter().map(|&p| zero(p)));
         s.push(Stmt::Loop {
             var,
             extent: tail,
             kind: LoopKind::Serial,
-            body: vec![add(part, t)],
+            body: parts
+                .iter()
+                .zip(terms)
+                .map(|(&p, t)| add(p, t.substitute(var, &shifted)))
+                .collect(),
         });
-        s.push(add(acc, Expr::var(part)));
+        s.extend(accs.iter().zip(&parts).map(|(&a, &p)| add(a, Expr::var(p))));
     }
     s
 }
