@@ -863,6 +863,8 @@ impl<'g> Lowerer<'g> {
                     Expr::mul(Expr::var(j), Expr::i64(b_cs as i64)),
                 ),
             );
+            // B[p, j] is loaded once per step into `bval` and used by every row.
+            let bval = k.new_var(Scalar::F32);
             let terms: Vec<Expr> = (0..rows)
                 .map(|r| {
                     let a_idx = Expr::add(
@@ -872,10 +874,10 @@ impl<'g> Lowerer<'g> {
                             Expr::mul(Expr::var(p), Expr::i64(a_cs as i64)),
                         ),
                     );
-                    Expr::mul(Expr::load(ap, a_idx), Expr::load(bp, b_idx.clone()))
+                    Expr::mul(Expr::load(ap, a_idx), Expr::var(bval))
                 })
                 .collect();
-            let mut s = blocked_sums(k, &accs, p, kk, &terms);
+            let mut s = blocked_sums(k, &accs, p, kk, &terms, &[(bval, Expr::load(bp, b_idx))]);
             for (r, &acc) in accs.iter().enumerate() {
                 let mut result = Expr::var(acc);
                 if let Some((alpha, beta, _, _)) = gemm {
@@ -1445,17 +1447,19 @@ const SUM_BLOCK: usize = 64;
 /// partial sums are then added: the rounding error grows with about extent/64 + 64 terms
 /// instead of `extent`, which keeps long dot products within the reference tolerance.
 fn blocked_sum(k: &mut Kernel, acc: VarId, var: VarId, extent: usize, term: Expr) -> Vec<Stmt> {
-    blocked_sums(k, &[acc], var, extent, &[term])
+    blocked_sums(k, &[acc], var, extent, &[term], &[])
 }
 
 /// [`blocked_sum`] for several sums over the same loop at once (`accs[r] = sum terms[r]`),
-/// sharing the loops: a register-blocked kernel loads what the terms share once per step.
+/// sharing the loops. `shared` locals are assigned at the start of every step (before the
+/// terms, which may read them): a register-blocked kernel loads what its terms share once.
 pub(crate) fn blocked_sums(
     k: &mut Kernel,
     accs: &[VarId],
     var: VarId,
     extent: usize,
     terms: &[Expr],
+    shared: &[(VarId, Expr)],
 ) -> Vec<Stmt> {
     let add = |a: VarId, e: Expr| Stmt::Assign {
         var: a,
@@ -1465,18 +1469,29 @@ pub(crate) fn blocked_sums(
         var: a,
         value: Expr::f32(0.0),
     };
+    let step = |at: &Expr, parts: &[VarId]| -> Vec<Stmt> {
+        let mut b: Vec<Stmt> = shared
+            .iter()
+            .map(|(v, e)| Stmt::Assign {
+                var: *v,
+                value: e.substitute(var, at),
+            })
+            .collect();
+        b.extend(
+            parts
+                .iter()
+                .zip(terms)
+                .map(|(&p, t)| add(p, t.substitute(var, at))),
+        );
+        b
+    };
     let mut s: Vec<Stmt> = accs.iter().map(|&a| zero(a)).collect();
     if extent <= SUM_BLOCK {
-        let body = accs
-            .iter()
-            .zip(terms)
-            .map(|(&a, t)| add(a, t.clone()))
-            .collect();
         s.push(Stmt::Loop {
             var,
             extent,
             kind: LoopKind::Serial,
-            body,
+            body: step(&Expr::var(var), accs),
         });
         return s;
     }
@@ -1494,11 +1509,7 @@ pub(crate) fn blocked_sums(
         var: inner,
         extent: SUM_BLOCK,
         kind: LoopKind::Serial,
-        body: parts
-            .iter()
-            .zip(terms)
-            .map(|(&p, t)| add(p, t.substitute(var, &at)))
-            .collect(),
+        body: step(&at, &parts),
     });
     body.extend(accs.iter().zip(&parts).map(|(&a, &p)| add(a, Expr::var(p))));
     s.push(Stmt::Loop {
@@ -1515,11 +1526,7 @@ pub(crate) fn blocked_sums(
             var,
             extent: tail,
             kind: LoopKind::Serial,
-            body: parts
-                .iter()
-                .zip(terms)
-                .map(|(&p, t)| add(p, t.substitute(var, &shifted)))
-                .collect(),
+            body: step(&shifted, &parts),
         });
         s.extend(accs.iter().zip(&parts).map(|(&a, &p)| add(a, Expr::var(p))));
     }
