@@ -91,6 +91,14 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
                 4
             },
             unroll: plan.schedule.loop_unroll_factor.unwrap_or(1) as usize,
+            // Two vectors of columns per row tile where 32 vector registers hold the
+            // accumulators (aarch64; not yet timed on hardware). On x86-64 (16 SSE registers)
+            // it spills and measured no faster, so one vector (BENCHMARKS.md).
+            vector_jam: if build.target.isa == kiln_targets::Isa::Aarch64 {
+                2
+            } else {
+                1
+            },
             ..Default::default()
         };
         let options = kiln_targets::CompileOptions { soname, schedule };

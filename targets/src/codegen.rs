@@ -201,10 +201,14 @@ struct KernelGen<'a, 'b> {
     vec: Option<VecMode>,
 }
 
-/// State of a vectorized loop: its variable, and a vector variable per local it assigns.
+/// State of a vectorized loop: its variable, and a vector variable per local it assigns
+/// (`vvars`: those of the copy being emitted; `copies`: one set per jammed copy).
 struct VecMode {
     var: VarId,
     vvars: std::collections::HashMap<VarId, Variable>,
+    copies: Vec<std::collections::HashMap<VarId, Variable>>,
+    /// The loop variable's value at the start of the current iteration (jammed loops).
+    base: Option<Value>,
 }
 
 /// The f32 vector type of vectorized loops (128-bit: NEON and SSE).
@@ -768,6 +772,31 @@ impl KernelGen<'_, '_> {
 
     fn stmts(&mut self, stmts: &[Stmt]) -> Result<(), CodegenError> {
         for s in stmts {
+            // In a jammed vector loop, every assignment and store is emitted once per copy,
+            // with the loop variable at that copy's first lane and that copy's locals.
+            let jam = self
+                .vec
+                .as_ref()
+                .filter(|m| m.copies.len() > 1)
+                .map(|m| (m.var, m.copies.len(), m.base));
+            if let (Some((var, n, Some(base))), false) = (jam, matches!(s, Stmt::Loop { .. })) {
+                for c in 0..n {
+                    let at = self.b.ins().iadd_imm_s(base, (c * LANES) as i64);
+                    self.b.def_var(self.vars[var], at);
+                    if let Some(m) = self.vec.as_mut() {
+                        m.vvars = m.copies[c].clone();
+                    }
+                    self.stmt(s)?;
+                }
+                continue;
+            }
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), CodegenError> {
+        {
             match s {
                 Stmt::Assign { var, value } => {
                     if let Some(vv) = self.vec.as_ref().and_then(|m| m.vvars.get(var)).copied() {
@@ -795,8 +824,10 @@ impl KernelGen<'_, '_> {
                     kind,
                     body,
                 } => match kind {
-                    LoopKind::Vectorized(lanes) if *lanes == LANES && self.vec.is_none() => {
-                        self.emit_vector_loop(*var, *extent, body)?
+                    LoopKind::Vectorized { lanes, jam }
+                        if *lanes == LANES && self.vec.is_none() =>
+                    {
+                        self.emit_vector_loop(*var, *extent, *jam, body)?
                     }
                     LoopKind::Parallel => {
                         let (start, end) = self.range;
@@ -873,37 +904,103 @@ impl KernelGen<'_, '_> {
         })
     }
 
-    /// `extent / 4 * 4` iterations in 4-lane vectors, then the rest one by one.
-    fn emit_vector_loop(
-        &mut self,
-        var: VarId,
-        extent: usize,
-        body: &[Stmt],
-    ) -> Result<(), CodegenError> {
-        let main = extent / LANES * LANES;
+    /// Vector locals for one copy of a vectorized loop body.
+    fn vector_locals(&mut self, body: &[Stmt]) -> std::collections::HashMap<VarId, Variable> {
         let mut locals = std::collections::HashSet::new();
         collect_assigned(body, &mut locals);
-        let mut vvars = std::collections::HashMap::new();
         let zero = self.fconst(0.0);
         let zero_v = self.b.ins().splat(VF32, zero);
         let mut sorted: Vec<VarId> = locals.into_iter().collect();
         sorted.sort();
-        for x in sorted {
-            let vv = self.b.declare_var(VF32);
-            self.b.def_var(vv, zero_v);
-            vvars.insert(x, vv);
+        sorted
+            .into_iter()
+            .map(|x| {
+                let vv = self.b.declare_var(VF32);
+                self.b.def_var(vv, zero_v);
+                (x, vv)
+            })
+            .collect()
+    }
+
+    /// The iterations in groups of `jam` vectors of 4 lanes, then single vectors, then the
+    /// rest one by one.
+    fn emit_vector_loop(
+        &mut self,
+        var: VarId,
+        extent: usize,
+        jam: usize,
+        body: &[Stmt],
+    ) -> Result<(), CodegenError> {
+        let jam = jam.max(1);
+        let jammed = extent / (LANES * jam) * (LANES * jam);
+        let vectors = extent / LANES * LANES;
+        let copies: Vec<_> = (0..jam).map(|_| self.vector_locals(body)).collect();
+        let mut done = 0;
+        if jam > 1 && jammed > 0 {
+            let start = self.b.ins().iconst(types::I64, 0);
+            let end = self.b.ins().iconst(types::I64, jammed as i64);
+            self.vec = Some(VecMode {
+                var,
+                vvars: copies[0].clone(),
+                copies: copies.clone(),
+                base: None,
+            });
+            let r = self.emit_jam_loop(var, start, end, (LANES * jam) as i64, body);
+            self.vec = None;
+            r?;
+            done = jammed;
         }
-        let start = self.b.ins().iconst(types::I64, 0);
-        let end = self.b.ins().iconst(types::I64, main as i64);
-        self.vec = Some(VecMode { var, vvars });
-        let r = self.emit_range_loop(var, start, end, LANES as i64, body);
-        self.vec = None;
-        r?;
-        if main < extent {
-            let start = self.b.ins().iconst(types::I64, main as i64);
+        if done < vectors {
+            let start = self.b.ins().iconst(types::I64, done as i64);
+            let end = self.b.ins().iconst(types::I64, vectors as i64);
+            self.vec = Some(VecMode {
+                var,
+                vvars: copies[0].clone(),
+                copies: Vec::new(),
+                base: None,
+            });
+            let r = self.emit_range_loop(var, start, end, LANES as i64, body);
+            self.vec = None;
+            r?;
+        }
+        if vectors < extent {
+            let start = self.b.ins().iconst(types::I64, vectors as i64);
             let end = self.b.ins().iconst(types::I64, extent as i64);
             self.emit_range_loop(var, start, end, 1, body)?;
         }
+        Ok(())
+    }
+
+    /// A loop whose body is emitted jammed: the iteration's base value is recorded so each
+    /// copy can place the loop variable at its own lanes.
+    fn emit_jam_loop(
+        &mut self,
+        var: VarId,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &[Stmt],
+    ) -> Result<(), CodegenError> {
+        let v = self.vars[var];
+        self.b.def_var(v, start);
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let iv = self.b.use_var(v);
+        let cond = self.b.ins().icmp(IntCC::SignedLessThan, iv, end);
+        self.b.ins().brif(cond, body_block, &[], exit, &[]);
+        self.b.switch_to_block(body_block);
+        let base = self.b.use_var(v);
+        if let Some(m) = self.vec.as_mut() {
+            m.base = Some(base);
+        }
+        self.stmts(body)?;
+        let next = self.b.ins().iadd_imm_s(base, step);
+        self.b.def_var(v, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
         Ok(())
     }
 

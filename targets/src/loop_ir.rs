@@ -244,7 +244,13 @@ pub enum LoopKind {
     /// Runs `lanes` consecutive iterations at once in SIMD registers (then a scalar tail):
     /// loads and stores whose index advances by 1 with the loop variable become vector
     /// accesses, loop-invariant ones are broadcast, locals assigned inside become vectors.
-    Vectorized(usize),
+    /// With `jam > 1`, `jam` vectors of iterations are interleaved statement by statement
+    /// (unroll-and-jam): inner loops run once for all of them and each copy has its own
+    /// locals, so loop-invariant values (a row of A) are loaded once for several vectors.
+    Vectorized {
+        lanes: usize,
+        jam: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -432,7 +438,10 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt:
                     LoopKind::Serial => String::new(),
                     LoopKind::Unrolled(n) => format!(" unroll({n})"),
                     LoopKind::Parallel => " parallel".into(),
-                    LoopKind::Vectorized(n) => format!(" vectorize({n})"),
+                    LoopKind::Vectorized { lanes, jam: 1 } => format!(" vectorize({lanes})"),
+                    LoopKind::Vectorized { lanes, jam } => {
+                        format!(" vectorize({lanes}) jam({jam})")
+                    }
                 };
                 writeln!(f, "{pad}for v{var} in 0..{extent}{k} {{")?;
                 write_stmts(f, body, depth + 1)?;

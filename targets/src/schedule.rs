@@ -1,5 +1,5 @@
 //! Schedules: transformations of a lowered kernel's loops that keep its meaning. Today a
-//! schedule annotates loops — `Vectorized(lanes)` on the first loop (outermost first) whose
+//! schedule annotates loops — `Vectorized { lanes, jam }` on the first loop (outermost first) whose
 //! body can run `lanes` iterations at once, `Parallel` on the kernel's outermost loop when the
 //! kernel does enough work, `Unrolled(factor)` on innermost serial loops — and the code
 //! generator realises the annotations. Lowering guarantees that the outermost loop of a kernel
@@ -13,6 +13,9 @@ use std::collections::HashSet;
 pub struct ScheduleOptions {
     /// f32 lanes per vector (4 for 128-bit NEON/SSE; 0 or 1 disables vectorization).
     pub vector_lanes: usize,
+    /// Vectors of iterations interleaved in a vectorized loop whose body has inner loops
+    /// (unroll-and-jam; 1: none). Bounded by the target's vector registers.
+    pub vector_jam: usize,
     /// Unroll factor for innermost serial loops (1: none), from `loop_unroll_factor`.
     pub unroll: usize,
     /// Parallelise the outermost loop only when the kernel runs at least this many innermost
@@ -24,6 +27,7 @@ impl Default for ScheduleOptions {
     fn default() -> Self {
         ScheduleOptions {
             vector_lanes: 4,
+            vector_jam: 1,
             unroll: 1,
             parallel_min_work: 1 << 16,
         }
@@ -34,7 +38,7 @@ impl Default for ScheduleOptions {
 pub fn schedule(k: &mut Kernel, o: &ScheduleOptions) {
     let mut body = std::mem::take(&mut k.body);
     if o.vector_lanes > 1 {
-        vectorize_first(k, &mut body, o.vector_lanes);
+        vectorize_first(k, &mut body, o.vector_lanes, o.vector_jam.max(1));
     }
     if o.unroll > 1 {
         unroll_innermost(&mut body, o.unroll);
@@ -87,7 +91,7 @@ fn work_of(stmts: &[Stmt]) -> usize {
         .sum()
 }
 
-fn vectorize_first(k: &Kernel, stmts: &mut [Stmt], lanes: usize) -> bool {
+fn vectorize_first(k: &Kernel, stmts: &mut [Stmt], lanes: usize, jam: usize) -> bool {
     for s in stmts.iter_mut() {
         if let Stmt::Loop {
             var,
@@ -97,10 +101,17 @@ fn vectorize_first(k: &Kernel, stmts: &mut [Stmt], lanes: usize) -> bool {
         } = s
         {
             if *kind == LoopKind::Serial && *extent >= lanes && vectorizable(k, *var, body) {
-                *kind = LoopKind::Vectorized(lanes);
+                // Jamming pays where an inner loop's invariant loads can be shared.
+                let has_inner = body.iter().any(|b| matches!(b, Stmt::Loop { .. }));
+                let jam = if has_inner && *extent >= lanes * jam {
+                    jam
+                } else {
+                    1
+                };
+                *kind = LoopKind::Vectorized { lanes, jam };
                 return true;
             }
-            if vectorize_first(k, body, lanes) {
+            if vectorize_first(k, body, lanes, jam) {
                 return true;
             }
         }

@@ -84,6 +84,7 @@ fn kernels_before_and_after_scheduling() {
     let program = lower(&graph()).unwrap();
     let opts = ScheduleOptions {
         vector_lanes: 4,
+        vector_jam: 2,
         unroll: 4,
         parallel_min_work: 64,
     };
