@@ -71,29 +71,7 @@ enum Command {
     },
     /// Time a compiled artifact (median, p95, min latency, peak RSS), optionally side by side
     /// with onnxruntime on the ONNX model.
-    Bench {
-        /// The compiled artifact (.so).
-        artifact: PathBuf,
-        /// Timed runs.
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-        /// Untimed warm-up runs before the timed ones.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        /// Threads in all (default: one per available core); onnxruntime gets the same
-        /// intra-op thread count.
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Folder with input_N.pb files; without it inputs are generated deterministically.
-        #[arg(long)]
-        inputs_dir: Option<PathBuf>,
-        /// Also time onnxruntime on this ONNX model with the same inputs.
-        #[arg(long, value_name = "MODEL.onnx")]
-        onnx: Option<PathBuf>,
-        /// Python with onnxruntime (default: $KILN_CACHE/venv/bin/python).
-        #[arg(long, value_name = "PATH")]
-        python: Option<PathBuf>,
-    },
+    Bench(cli::bench::Args),
     /// List the targets Kiln knows, with the features each requires.
     Targets,
     /// Run every ONNX-test-layout folder (model.onnx + test_data_set_*/) under the given dirs.
@@ -140,23 +118,7 @@ fn main() -> ExitCode {
             dims,
             config,
         }),
-        Command::Bench {
-            artifact,
-            runs,
-            warmup,
-            threads,
-            inputs_dir,
-            onnx,
-            python,
-        } => cli::bench::run(&cli::bench::Args {
-            artifact,
-            runs,
-            warmup,
-            threads,
-            inputs_dir,
-            onnx,
-            python,
-        }),
+        Command::Bench(args) => cli::bench::run(&args),
         Command::Conformance {
             dirs,
             backend,

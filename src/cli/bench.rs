@@ -25,14 +25,28 @@ const ORT_INPUT_MISMATCH: i32 = 4;
 const ORT_PIN: &str = "onnxruntime==1.31.1";
 
 /// The command line of `kiln bench`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The compiled artifact (.so).
     pub artifact: PathBuf,
+    /// Timed runs.
+    #[arg(long, default_value_t = 20)]
     pub runs: usize,
+    /// Untimed warm-up runs before the timed ones.
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Threads in all (default: one per available core); onnxruntime gets the same
+    /// intra-op thread count.
+    #[arg(long)]
     pub threads: Option<usize>,
+    /// Folder with input_N.pb files; without it inputs are generated deterministically.
+    #[arg(long)]
     pub inputs_dir: Option<PathBuf>,
+    /// Also time onnxruntime on this ONNX model with the same inputs.
+    #[arg(long, value_name = "MODEL.onnx")]
     pub onnx: Option<PathBuf>,
+    /// Python with onnxruntime (default: $KILN_CACHE/venv/bin/python).
+    #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
 }
 

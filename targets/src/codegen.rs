@@ -945,7 +945,7 @@ impl KernelGen<'_, '_> {
                 copies: copies.clone(),
                 base: None,
             });
-            let r = self.emit_jam_loop(var, start, end, (LANES * jam) as i64, body);
+            let r = self.emit_range_loop(var, start, end, (LANES * jam) as i64, body);
             self.vec = None;
             r?;
             done = jammed;
@@ -971,14 +971,17 @@ impl KernelGen<'_, '_> {
         Ok(())
     }
 
-    /// A loop whose body is emitted jammed: the iteration's base value is recorded so each
-    /// copy can place the loop variable at its own lanes.
-    fn emit_jam_loop(
+    /// `for var in (start..end).step_by(step) { body }` with runtime bounds. The body is
+    /// emitted `unroll` times per iteration with the variable at base, base + 1, ...; the
+    /// iteration's base is recorded for a jammed vector loop over `var`, whose copies place the
+    /// variable at their own lanes.
+    fn emit_counted_loop(
         &mut self,
         var: VarId,
         start: Value,
         end: Value,
         step: i64,
+        unroll: usize,
         body: &[Stmt],
     ) -> Result<(), CodegenError> {
         let v = self.vars[var];
@@ -993,10 +996,16 @@ impl KernelGen<'_, '_> {
         self.b.ins().brif(cond, body_block, &[], exit, &[]);
         self.b.switch_to_block(body_block);
         let base = self.b.use_var(v);
-        if let Some(m) = self.vec.as_mut() {
+        if let Some(m) = self.vec.as_mut().filter(|m| m.var == var) {
             m.base = Some(base);
         }
-        self.stmts(body)?;
+        for u in 0..unroll {
+            if u > 0 {
+                let at = self.b.ins().iadd_imm_s(base, u as i64);
+                self.b.def_var(v, at);
+            }
+            self.stmts(body)?;
+        }
         let next = self.b.ins().iadd_imm_s(base, step);
         self.b.def_var(v, next);
         self.b.ins().jump(header, &[]);
@@ -1004,7 +1013,6 @@ impl KernelGen<'_, '_> {
         Ok(())
     }
 
-    /// `for var in (start..end).step_by(step) { body }` with runtime bounds.
     fn emit_range_loop(
         &mut self,
         var: VarId,
@@ -1013,24 +1021,7 @@ impl KernelGen<'_, '_> {
         step: i64,
         body: &[Stmt],
     ) -> Result<(), CodegenError> {
-        let v = self.vars[var];
-        self.b.def_var(v, start);
-        let header = self.b.create_block();
-        let body_block = self.b.create_block();
-        let exit = self.b.create_block();
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(header);
-        let iv = self.b.use_var(v);
-        let cond = self.b.ins().icmp(IntCC::SignedLessThan, iv, end);
-        self.b.ins().brif(cond, body_block, &[], exit, &[]);
-        self.b.switch_to_block(body_block);
-        self.stmts(body)?;
-        let last = self.b.use_var(v);
-        let next = self.b.ins().iadd_imm_s(last, step);
-        self.b.def_var(v, next);
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(exit);
-        Ok(())
+        self.emit_counted_loop(var, start, end, step, 1, body)
     }
 
     fn emit_loop(
@@ -1040,39 +1031,13 @@ impl KernelGen<'_, '_> {
         kind: LoopKind,
         body: &[Stmt],
     ) -> Result<(), CodegenError> {
-        let v = self.vars[var];
         let unroll = match kind {
             LoopKind::Unrolled(n) if n > 1 && extent.is_multiple_of(n) => n,
             _ => 1,
         };
-        let zero = self.b.ins().iconst(types::I64, 0);
-        self.b.def_var(v, zero);
-        let header = self.b.create_block();
-        let body_block = self.b.create_block();
-        let exit = self.b.create_block();
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(header);
-        let iv = self.b.use_var(v);
-        let cond = self
-            .b
-            .ins()
-            .icmp_imm_s(IntCC::SignedLessThan, iv, extent as i64);
-        self.b.ins().brif(cond, body_block, &[], exit, &[]);
-        self.b.switch_to_block(body_block);
-        let base = self.b.use_var(v);
-        for u in 0..unroll {
-            if u > 0 {
-                let next = self.b.ins().iadd_imm_s(base, u as i64);
-                self.b.def_var(v, next);
-            }
-            self.stmts(body)?;
-        }
-        let last = self.b.use_var(v);
-        let next = self.b.ins().iadd_imm_s(last, 1);
-        self.b.def_var(v, next);
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(exit);
-        Ok(())
+        let start = self.b.ins().iconst(types::I64, 0);
+        let end = self.b.ins().iconst(types::I64, extent as i64);
+        self.emit_counted_loop(var, start, end, unroll as i64, unroll, body)
     }
 }
 
