@@ -1,7 +1,9 @@
 //! YAML compile configs (`kiln compile --config FILE.yaml`). A config has the sections
 //! `model_compilation` (model, target_format, target_device: one target or a list, dims),
-//! `kernel_schedule` (vectorization, loop_unroll_factor, threads) and `output` (artifact, with
-//! `{target}` standing for the target name); relative paths are relative to the YAML file's
+//! `quantization` (mode, group_size, symmetric / zero_point, method, calibration,
+//! calibration_samples, exclude / include globs, per-layer overrides), `kernel_schedule`
+//! (vectorization, loop_unroll_factor, threads) and `output` (artifact, with `{target}`
+//! standing for the target name, and emit_onnx); relative paths are relative to the YAML file's
 //! folder. The text is parsed with serde_yaml_ng into a [`Value`] tree which is checked key by
 //! key against the schema, so that every problem (syntax, unknown key with a suggestion,
 //! section of a later stage, wrong type, inconsistent settings, conflict with a command-line
@@ -11,6 +13,7 @@
 //! with a serde visitor that fails exactly at the wanted key or value: serde_yaml_ng stamps
 //! such an error with the position of the YAML node being read.
 
+use kiln_passes::quantize::Precision;
 use kiln_targets::{Isa, Target, Vectors};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -20,13 +23,30 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Sections this version implements, in the order a config usually lists them.
-const SECTIONS: &[&str] = &["model_compilation", "kernel_schedule", "output"];
+const SECTIONS: &[&str] = &[
+    "model_compilation",
+    "quantization",
+    "kernel_schedule",
+    "output",
+];
 /// Sections of the design that later stages implement; present in a config they are an error.
-const LATER_SECTIONS: &[&str] = &["quantization", "pruning", "runtime"];
+const LATER_SECTIONS: &[&str] = &["pruning", "runtime"];
+const QUANT_KEYS: &[&str] = &[
+    "mode",
+    "group_size",
+    "symmetric",
+    "zero_point",
+    "method",
+    "calibration",
+    "calibration_samples",
+    "exclude",
+    "include",
+    "overrides",
+];
 const MODEL_KEYS: &[&str] = &["model", "target_format", "target_device", "dims"];
 const SCHEDULE_KEYS: &[&str] = &["vectorization", "loop_unroll_factor", "threads"];
 const SCHEDULE_LATER_KEYS: &[&str] = &["prefetch_distance", "tile_sizes"];
-const OUTPUT_KEYS: &[&str] = &["artifact"];
+const OUTPUT_KEYS: &[&str] = &["artifact", "emit_onnx"];
 const OUTPUT_LATER_KEYS: &[&str] = &["export_format"];
 const TARGET_PLACEHOLDER: &str = "{target}";
 
@@ -175,6 +195,7 @@ fn section_keys(section: &str) -> &'static [&'static str] {
     match section {
         "model_compilation" => MODEL_KEYS,
         "kernel_schedule" => SCHEDULE_KEYS,
+        "quantization" => QUANT_KEYS,
         "output" => OUTPUT_KEYS,
         _ => &[],
     }
@@ -304,6 +325,11 @@ pub struct Config {
     pub schedule: ScheduleOptions,
     /// `output.artifact` as written (relative to the YAML folder, may contain `{target}`).
     pub artifact: Option<String>,
+    pub quantization: Option<QuantSettings>,
+    /// `output.emit_onnx`, resolved against the YAML file's folder.
+    pub emit_onnx: Option<PathBuf>,
+    /// Which of quantization.symmetric / zero_point were given (they must agree).
+    quant_keys_seen: Vec<&'static str>,
 }
 
 /// Command-line flags given next to `--config`.
@@ -315,6 +341,91 @@ pub struct Flags {
     pub dims: HashMap<String, usize>,
 }
 
+/// `quantization.method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMethod {
+    /// Round to nearest.
+    #[default]
+    Rtn,
+    /// Activation-aware scaling searched on calibration data, then round to nearest.
+    Awq,
+}
+
+/// The `quantization` section (or the `--quantize` flags): weight-only quantization settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantSettings {
+    /// Int4 or Int8 for the layers no override names.
+    pub precision: Precision,
+    pub group_size: usize,
+    pub symmetric: bool,
+    pub method: QuantMethod,
+    /// A folder of `test_data_set_*`/`input_N.pb` sets, one such set, or a token-id file.
+    pub calibration: Option<PathBuf>,
+    pub calibration_samples: usize,
+    pub exclude: Vec<String>,
+    pub include: Vec<String>,
+    /// Per-layer precision by node or weight name glob, first match wins.
+    pub overrides: Vec<(String, Precision)>,
+    /// Precision of the excluded layers (f16 or f32).
+    pub excluded_precision: Precision,
+}
+
+impl Default for QuantSettings {
+    fn default() -> Self {
+        QuantSettings {
+            precision: Precision::Int4,
+            group_size: 128,
+            symmetric: false,
+            method: QuantMethod::Rtn,
+            calibration: None,
+            calibration_samples: 128,
+            exclude: Vec::new(),
+            include: Vec::new(),
+            overrides: Vec::new(),
+            excluded_precision: Precision::F16,
+        }
+    }
+}
+
+/// Quantization modes: weight precision, then the precision of excluded layers.
+pub const QUANT_MODES: &[&str] = &["q4f16", "q4f32", "q4", "q8f16", "q8f32", "q8"];
+
+/// `q4f16` -> (Int4, F16): the quantized layers' precision and the excluded layers'.
+pub fn parse_quant_mode(mode: &str) -> Option<(Precision, Precision)> {
+    Some(match mode {
+        "q4" | "q4f16" => (Precision::Int4, Precision::F16),
+        "q4f32" => (Precision::Int4, Precision::F32),
+        "q8" | "q8f16" => (Precision::Int8, Precision::F16),
+        "q8f32" => (Precision::Int8, Precision::F32),
+        _ => return None,
+    })
+}
+
+/// Settings that contradict each other, whatever the model.
+pub fn check_quantization(q: &QuantSettings) -> Result<(), String> {
+    if !(q.group_size >= 16 && q.group_size.is_power_of_two()) {
+        return Err(format!(
+            "group size {} is not supported: use a power of two of at least 16 (32, 64 or 128)",
+            q.group_size
+        ));
+    }
+    if q.method == QuantMethod::Awq && q.calibration.is_none() {
+        return Err(
+            "method awq needs calibration data (a folder of input sets or a token file)".into(),
+        );
+    }
+    if let Some(c) = &q.calibration {
+        if !c.exists() {
+            return Err(format!("calibration data {} not found", c.display()));
+        }
+    }
+    if q.calibration_samples == 0 {
+        return Err("calibration_samples must be at least 1".into());
+    }
+    Ok(())
+}
+
 /// What to compile: one model, its dim bindings and schedule settings, one artifact per target.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -322,6 +433,9 @@ pub struct Plan {
     pub dims: HashMap<String, usize>,
     pub schedule: ScheduleOptions,
     pub builds: Vec<Build>,
+    pub quantization: Option<QuantSettings>,
+    /// Also write the transformed graph as ONNX here.
+    pub emit_onnx: Option<PathBuf>,
     /// The config the plan came from, to place errors found later (dims the model lacks).
     source: Option<Source>,
 }
@@ -339,6 +453,8 @@ impl Plan {
             dims,
             schedule: ScheduleOptions::default(),
             builds: vec![Build { target, artifact }],
+            quantization: None,
+            emit_onnx: None,
             source: None,
         }
     }
@@ -408,6 +524,9 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         dims: BTreeMap::new(),
         schedule: ScheduleOptions::default(),
         artifact: None,
+        quantization: None,
+        emit_onnx: None,
+        quant_keys_seen: Vec::new(),
     };
     let root = match root {
         Value::Null => {
@@ -446,8 +565,42 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
     }
     for (section, v) in sections {
         let entries = section_entries(&src, section, v)?;
+        if section == "quantization" {
+            cfg.quantization = Some(QuantSettings::default());
+        }
         for (key, value) in entries {
             cfg.set(section, &key, value)?;
+        }
+    }
+    if let Some(q) = &cfg.quantization {
+        if let Err(reason) = check_quantization(q) {
+            // Place the problem at the key it is most about.
+            let key = if reason.starts_with("group size") {
+                "group_size"
+            } else if reason.contains("calibration_samples") {
+                "calibration_samples"
+            } else if reason.starts_with("method") {
+                "method"
+            } else {
+                "calibration"
+            };
+            let mut path = vec![Step::key("quantization")];
+            if locate(
+                text,
+                &[Step::key("quantization"), Step::key(key)],
+                Want::Key,
+            )
+            .is_some()
+            {
+                path.push(Step::key(key));
+            }
+            return Err(src.key(
+                &path,
+                Problem::Inconsistent {
+                    key: format!("quantization.{key}"),
+                    reason,
+                },
+            ));
         }
     }
     Ok(cfg)
@@ -668,6 +821,145 @@ impl Config {
                 Value::String(s) if !s.is_empty() => self.artifact = Some(s.clone()),
                 _ => return Err(wrong("a file path", v)),
             },
+            ("output", "emit_onnx") => match v {
+                Value::String(s) if !s.is_empty() => {
+                    self.emit_onnx = Some(self.base_dir.join(s));
+                }
+                _ => return Err(wrong("a file path", v)),
+            },
+            ("quantization", _) => {
+                let q = self.quantization.get_or_insert_with(QuantSettings::default);
+                let strings = |v: &Value| -> Option<Vec<String>> {
+                    match v {
+                        Value::String(s) => Some(vec![s.clone()]),
+                        Value::Sequence(items) => items
+                            .iter()
+                            .map(|i| i.as_str().map(str::to_string))
+                            .collect(),
+                        Value::Null => Some(Vec::new()),
+                        _ => None,
+                    }
+                };
+                let bad_value = |value: String, allowed: &[&'static str]| {
+                    src.value(
+                        &path,
+                        Problem::BadValue {
+                            key: dotted.clone(),
+                            suggestion: suggest(&value, allowed),
+                            value,
+                            allowed: allowed.to_vec(),
+                        },
+                    )
+                };
+                match key {
+                    "mode" => {
+                        let m = v.as_str().ok_or_else(|| wrong("a mode such as q4f16", v))?;
+                        (q.precision, q.excluded_precision) = parse_quant_mode(m)
+                            .ok_or_else(|| bad_value(m.to_string(), QUANT_MODES))?;
+                    }
+                    "group_size" => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                        Some(n) if n > 0 => q.group_size = n,
+                        _ => return Err(wrong("a group size (32, 64 or 128)", v)),
+                    },
+                    "symmetric" | "zero_point" => {
+                        let b = v.as_bool().ok_or_else(|| wrong("true or false", v))?;
+                        // zero_point: true is asymmetric quantization.
+                        let symmetric = if key == "symmetric" { b } else { !b };
+                        if self.quant_keys_seen.contains(&"symmetric")
+                            || self.quant_keys_seen.contains(&"zero_point")
+                        {
+                            if symmetric != q.symmetric {
+                                return Err(src.key(
+                                    &path,
+                                    Problem::Inconsistent {
+                                        key: dotted.clone(),
+                                        reason: "symmetric and zero_point contradict each other (symmetric quantization has no zero point)".into(),
+                                    },
+                                ));
+                            }
+                        }
+                        q.symmetric = symmetric;
+                    }
+                    "method" => {
+                        let m = v.as_str().ok_or_else(|| wrong("rtn or awq", v))?;
+                        q.method = match m {
+                            "rtn" => QuantMethod::Rtn,
+                            "awq" => QuantMethod::Awq,
+                            other => return Err(bad_value(other.to_string(), &["rtn", "awq"])),
+                        };
+                    }
+                    "calibration" => match v {
+                        Value::String(s) if !s.is_empty() => {
+                            q.calibration = Some(self.base_dir.join(s))
+                        }
+                        _ => return Err(wrong("a folder of input sets or a token file", v)),
+                    },
+                    "calibration_samples" => {
+                        match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                            Some(n) if n >= 1 => q.calibration_samples = n,
+                            _ => return Err(wrong("an integer >= 1", v)),
+                        }
+                    }
+                    "exclude" | "include" => {
+                        let list = strings(v)
+                            .ok_or_else(|| wrong("a name glob or a list of name globs", v))?;
+                        for g in &list {
+                            kiln_passes::quantize::Glob::new(g).map_err(|reason| {
+                                src.value(
+                                    &path,
+                                    Problem::NotSupported {
+                                        key: dotted.clone(),
+                                        reason,
+                                    },
+                                )
+                            })?;
+                        }
+                        if key == "exclude" {
+                            q.exclude = list;
+                        } else {
+                            q.include = list;
+                        }
+                    }
+                    "overrides" => {
+                        let Value::Mapping(m) = v else {
+                            return Err(wrong("a mapping of name globs to q4, q8, f16 or f32", v));
+                        };
+                        for (k, p) in m {
+                            let glob = key_text(k);
+                            let mut p_path = path.clone();
+                            p_path.push(Step::key(&glob));
+                            let name = p.as_str().unwrap_or_default();
+                            let precision = Precision::parse(name).ok_or_else(|| {
+                                src.value(
+                                    &p_path,
+                                    Problem::BadValue {
+                                        key: format!("{dotted}.{glob}"),
+                                        value: name.to_string(),
+                                        suggestion: suggest(name, &["q4", "q8", "f16", "f32"]),
+                                        allowed: vec!["q4", "q8", "f16", "f32"],
+                                    },
+                                )
+                            })?;
+                            kiln_passes::quantize::Glob::new(&glob).map_err(|reason| {
+                                src.key(
+                                    &p_path,
+                                    Problem::NotSupported {
+                                        key: format!("{dotted}.{glob}"),
+                                        reason,
+                                    },
+                                )
+                            })?;
+                            q.overrides.push((glob, precision));
+                        }
+                    }
+                    _ => unreachable!("quantization key {key} is in the schema"),
+                }
+                self.quant_keys_seen.push(match key {
+                    "symmetric" => "symmetric",
+                    "zero_point" => "zero_point",
+                    _ => "other",
+                });
+            }
             _ => unreachable!("key {section}.{key} is in the schema but not handled"),
         }
         Ok(())
@@ -801,6 +1093,8 @@ impl Config {
             dims,
             schedule: self.schedule,
             builds,
+            quantization: self.quantization.clone(),
+            emit_onnx: self.emit_onnx.clone(),
             source: Some(self.src.clone()),
         })
     }

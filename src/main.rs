@@ -50,25 +50,11 @@ enum Command {
         inputs: Vec<String>,
     },
     /// Compile a model into a self-contained shared object for a target (or, with --config,
-    /// for every target a YAML config lists).
-    Compile {
-        /// The ONNX model (optional with --config).
-        #[arg(required_unless_present = "config")]
-        model: Option<PathBuf>,
-        /// Target name (see `kiln targets`; optional with --config).
-        #[arg(long, required_unless_present = "config")]
-        target: Option<String>,
-        /// Output artifact path (optional with --config).
-        #[arg(short = 'o', long = "output", required_unless_present = "config")]
-        output: Option<PathBuf>,
-        /// Bind a dynamic dimension.
-        #[arg(long = "dim", value_name = "NAME=VALUE")]
-        dims: Vec<String>,
-        /// YAML compile config (model_compilation, kernel_schedule, output); flags given too
-        /// must agree with it.
-        #[arg(long, value_name = "FILE.yaml")]
-        config: Option<PathBuf>,
-    },
+    /// for every target a YAML config lists), optionally quantizing its weights.
+    Compile(cli::compile::Args),
+    /// Measure accuracy: perplexity of a causal LM over a token file, or cosine similarity
+    /// and max error of every output against the reference interpreter.
+    Eval(cli::eval::Args),
     /// Time a compiled artifact (median, p95, min latency, peak RSS), optionally side by side
     /// with onnxruntime on the ONNX model.
     Bench(cli::bench::Args),
@@ -105,20 +91,9 @@ fn main() -> ExitCode {
             inputs,
         } => cli::run::run(&model, inputs_dir.as_deref(), &output_dir, &inputs),
         Command::Targets => cli::targets::run(),
-        Command::Compile {
-            model,
-            target,
-            output,
-            dims,
-            config,
-        } => cli::compile::run(cli::compile::Args {
-            model,
-            target,
-            output,
-            dims,
-            config,
-        }),
+        Command::Compile(args) => cli::compile::run(args),
         Command::Bench(args) => cli::bench::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
         Command::Conformance {
             dirs,
             backend,

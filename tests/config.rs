@@ -55,6 +55,13 @@ fn examples_compile_and_produce_artifacts() {
                 ("out/tiny_llama-aarch64-neon-dotprod.so", 183),
             ],
         ),
+        (
+            "tiny_llama_int4.yaml",
+            &[
+                ("out/tiny_llama-int4-x86_64.so", 62),
+                ("out/tiny_llama-int4-aarch64-neon.so", 183),
+            ],
+        ),
     ];
     for (example, artifacts) in cases {
         let dir = workdir();
@@ -329,12 +336,52 @@ fn bad_configs_are_one_line_errors_with_positions() {
             text: "target 'x86_64' is listed twice",
         },
         Bad {
-            name: "quantization section",
+            name: "section of a later stage",
             yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
-                   quantization:\n  mode: int4\n  group_size: 32\noutput:\n  artifact: out/m.so\n",
+                   pruning:\n  ffn: 0.25\noutput:\n  artifact: out/m.so\n",
             args: &[],
             at: "4:1",
-            text: "section 'quantization' is not supported yet",
+            text: "section 'pruning' is not supported yet",
+        },
+        Bad {
+            name: "typo in a quantization key",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: q4f16\n  grup_size: 32\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "unknown key 'grup_size' in quantization; did you mean 'group_size'?",
+        },
+        Bad {
+            name: "unknown quantization mode",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: q4f61\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "5:9",
+            text: "quantization.mode: 'q4f61' is not one of q4f16, q4f32, q4, q8f16, q8f32, q8; did you mean 'q4f16'?",
+        },
+        Bad {
+            name: "contradicting symmetric and zero_point",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  symmetric: true\n  zero_point: true\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "symmetric and zero_point contradict each other",
+        },
+        Bad {
+            name: "awq without calibration",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: q4\n  method: awq\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "quantization.method: method awq needs calibration data",
+        },
+        Bad {
+            name: "group size not a power of two",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  group_size: 48\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "5:3",
+            text: "group size 48 is not supported",
         },
         Bad {
             name: "key of a later stage",

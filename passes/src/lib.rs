@@ -4,8 +4,10 @@
 //! options; only the root package knows YAML and the command line.
 
 mod cleanup;
+pub mod quantize;
 
 pub use cleanup::{DeadCodeElimination, EliminateIdentity};
+pub use quantize::{ExcludeLayers, QuantizeWeights};
 
 use kiln_compiler::ir::verify::{verify, VerifyError};
 use kiln_compiler::Graph;

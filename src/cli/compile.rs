@@ -13,16 +13,90 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// The command line of `kiln compile`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, clap::Args)]
 pub struct Args {
+    /// The ONNX model (optional with --config).
+    #[arg(required_unless_present = "config")]
     pub model: Option<PathBuf>,
+    /// Target name (see `kiln targets`; optional with --config).
+    #[arg(long, required_unless_present = "config")]
     pub target: Option<String>,
+    /// Output artifact path (optional with --config).
+    #[arg(short = 'o', long = "output", required_unless_present = "config")]
     pub output: Option<PathBuf>,
+    /// Bind a dynamic dimension.
+    #[arg(long = "dim", value_name = "NAME=VALUE")]
     pub dims: Vec<String>,
+    /// YAML compile config (model_compilation, quantization, kernel_schedule, output); flags
+    /// given too must agree with it.
+    #[arg(long, value_name = "FILE.yaml")]
     pub config: Option<PathBuf>,
+    /// Weight-only quantization of matrix-product weights: q4 (INT4) or q8 (INT8); excluded
+    /// layers (embeddings, LM head) stay f16 (q4f32 / q8f32: f32).
+    #[arg(long, value_name = "MODE")]
+    pub quantize: Option<String>,
+    /// Weights per quantization group along the reduction axis (32, 64 or 128).
+    #[arg(long, value_name = "N")]
+    pub group_size: Option<usize>,
+    /// Symmetric quantization (no zero points).
+    #[arg(long)]
+    pub symmetric: bool,
+    /// Rounding method.
+    #[arg(long, value_enum)]
+    pub method: Option<config::QuantMethod>,
+    /// Calibration data for AWQ: a folder of input sets or a raw int32 token file.
+    #[arg(long, value_name = "PATH")]
+    pub calibration: Option<PathBuf>,
+    /// Calibration samples (input sets or token windows) to use.
+    #[arg(long, value_name = "N")]
+    pub calibration_samples: Option<usize>,
+    /// Also write the transformed graph (quantized, pruned) as standard ONNX.
+    #[arg(long, value_name = "FILE.onnx")]
+    pub emit_onnx: Option<PathBuf>,
+}
+
+impl Args {
+    /// The quantization settings the flags ask for, if any.
+    fn quantization(&self) -> Result<Option<config::QuantSettings>> {
+        let extra = self.group_size.is_some()
+            || self.symmetric
+            || self.method.is_some()
+            || self.calibration.is_some()
+            || self.calibration_samples.is_some();
+        let Some(mode) = &self.quantize else {
+            if extra {
+                bail!(
+                    "--group-size, --symmetric, --method and --calibration need --quantize q4|q8"
+                );
+            }
+            return Ok(None);
+        };
+        let mut q = config::QuantSettings::default();
+        (q.precision, q.excluded_precision) = config::parse_quant_mode(mode).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--quantize {mode}: expected one of {}",
+                config::QUANT_MODES.join(", ")
+            )
+        })?;
+        if let Some(g) = self.group_size {
+            q.group_size = g;
+        }
+        q.symmetric = self.symmetric;
+        if let Some(m) = self.method {
+            q.method = m;
+        }
+        q.calibration = self.calibration.clone();
+        if let Some(n) = self.calibration_samples {
+            q.calibration_samples = n;
+        }
+        config::check_quantization(&q).map_err(anyhow::Error::msg)?;
+        Ok(Some(q))
+    }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    let quantization = args.quantization()?;
+    let emit_onnx = args.emit_onnx.clone();
     let target = args.target.as_deref().map(lookup_target).transpose()?;
     let dims = super::parse_dims(&args.dims)?;
     let plan = match &args.config {
@@ -43,6 +117,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Plan::from_flags(model, target, artifact, dims)
         }
     };
+    let mut plan = plan;
+    match (&plan.quantization, quantization) {
+        (Some(_), Some(_)) => {
+            bail!("quantization is set both in the config and by --quantize; give it in one place")
+        }
+        (None, Some(q)) => plan.quantization = Some(q),
+        _ => {}
+    }
+    match (&plan.emit_onnx, emit_onnx) {
+        (Some(c), Some(f)) if c != &f => bail!(
+            "output.emit_onnx '{}' conflicts with --emit-onnx '{}'; give it in one place",
+            c.display(),
+            f.display()
+        ),
+        (_, Some(f)) => plan.emit_onnx = Some(f),
+        _ => {}
+    }
     compile(&plan, args.config.is_some())
 }
 
@@ -73,7 +164,33 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
         .with(EliminateIdentity)
         .with(DeadCodeElimination)
         .run(&mut m.graph)?;
+    if let Some(q) = &plan.quantization {
+        println!("quantizing {}:", model.display());
+        super::quantize::apply(&mut m.graph, q)?;
+        Pipeline::new()
+            .verify_each(true)
+            .with(DeadCodeElimination)
+            .run(&mut m.graph)?;
+    }
     ir::verify::verify(&m.graph)?;
+    let (by_type, float_share) = super::quantize::weight_report(&m.graph);
+    let parts: Vec<String> = by_type
+        .iter()
+        .map(|(d, elems, bytes)| format!("{d} {bytes} bytes ({elems} values)"))
+        .collect();
+    println!("  weights by type: {}", parts.join(", "));
+    if plan.quantization.is_some() && float_share > 0.5 {
+        println!(
+            "  WARNING: quantization was asked for, but {:.0}% of the matrix weight bytes are still float (check the exclusions and overrides)",
+            100.0 * float_share
+        );
+    }
+    if let Some(path) = &plan.emit_onnx {
+        create_parent(path)?;
+        kiln_compiler::onnx::export::write_model(&m.graph, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("  wrote {}", path.display());
+    }
     let front_end = t0.elapsed();
     for build in &plan.builds {
         let t1 = Instant::now();

@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod compile;
 pub mod conformance;
+pub mod eval;
 pub mod inspect;
+pub mod quantize;
 pub mod run;
 pub mod targets;
 

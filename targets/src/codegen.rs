@@ -183,7 +183,7 @@ fn clty(s: Scalar) -> Type {
         Scalar::F32 => types::F32,
         Scalar::F64 => types::F64,
         Scalar::I8 | Scalar::U8 | Scalar::Bool => types::I8,
-        Scalar::I16 | Scalar::U16 => types::I16,
+        Scalar::I16 | Scalar::U16 | Scalar::F16 => types::I16,
         Scalar::I32 | Scalar::U32 => types::I32,
         Scalar::I64 | Scalar::U64 => types::I64,
     }
@@ -215,6 +215,24 @@ struct VecMode {
 const VF32: Type = types::F32X4;
 const LANES: usize = 4;
 
+/// The lane type a vector expression of element type `s` is computed in: f32 for floats,
+/// i32 for integers (narrower integers are widened on load).
+fn lane_class(s: Scalar) -> Scalar {
+    if s.is_float() {
+        Scalar::F32
+    } else {
+        Scalar::I32
+    }
+}
+
+fn vtype(class: Scalar) -> Type {
+    if class == Scalar::F32 {
+        VF32
+    } else {
+        types::I32X4
+    }
+}
+
 /// Unaligned, non-trapping access for vector loads and stores.
 fn vflags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
@@ -232,33 +250,12 @@ impl KernelGen<'_, '_> {
         }
     }
 
-    /// The type of an expression. Constants adapt to the other operand of a binary op, so a
-    /// binary expression has the type of its first non-constant operand.
     fn expr_type(&self, e: &Expr) -> Scalar {
-        match e {
-            Expr::Const(Const::F32(_)) => Scalar::F32,
-            Expr::Const(Const::I64(_)) => Scalar::I64,
-            Expr::Const(Const::I32(_)) => Scalar::I32,
-            Expr::Const(Const::Bool(_)) => Scalar::Bool,
-            Expr::Var(v) => self.k.vars[*v],
-            Expr::Load { buf, .. } => self.k.params[*buf].scalar,
-            Expr::Bin { a, b, .. } => self.operand_type(a, b),
-            Expr::Un {
-                op: UnOp::IsNaN, ..
-            } => Scalar::Bool,
-            Expr::Un { a, .. } => self.expr_type(a),
-            Expr::Cmp { .. } => Scalar::Bool,
-            Expr::Select { a, b, .. } => self.operand_type(a, b),
-            Expr::Cast { to, .. } => *to,
-        }
+        self.k.expr_type(e)
     }
 
     fn operand_type(&self, a: &Expr, b: &Expr) -> Scalar {
-        if matches!(a, Expr::Const(_)) && !matches!(b, Expr::Const(_)) {
-            self.expr_type(b)
-        } else {
-            self.expr_type(a)
-        }
+        self.k.operand_type(a, b)
     }
 
     fn fconst(&mut self, v: f32) -> Value {
@@ -336,6 +333,9 @@ impl KernelGen<'_, '_> {
             }
             Expr::Cmp { op, a, b } => {
                 let t = self.operand_type(a, b);
+                if t == Scalar::F16 {
+                    return Err(self.err("f16 comparison is not supported (widen to f32 first)"));
+                }
                 let x = self.expr_as(a, t)?;
                 let y = self.expr_as(b, t)?;
                 if t.is_float() {
@@ -374,6 +374,12 @@ impl KernelGen<'_, '_> {
             }
             Expr::Cast { to, a } => {
                 let from = self.expr_type(a);
+                if (from == Scalar::F16 && to.is_float()) || (*to == Scalar::F16 && from.is_float())
+                {
+                    return Err(self.err(
+                        "f16 <-> float casts are not supported here (lowering expands them)",
+                    ));
+                }
                 let x = self.expr(a)?;
                 self.cast(from, *to, x)
             }
@@ -434,6 +440,9 @@ impl KernelGen<'_, '_> {
     }
 
     fn binop(&mut self, op: BinOp, t: Scalar, x: Value, y: Value) -> Result<Value, CodegenError> {
+        if t == Scalar::F16 {
+            return Err(self.err("f16 arithmetic is not supported (widen to f32 first)"));
+        }
         let i = self.b.ins();
         Ok(if t.is_float() {
             match op {
@@ -500,6 +509,15 @@ impl KernelGen<'_, '_> {
     }
 
     fn unop(&mut self, op: UnOp, t: Scalar, x: Value) -> Result<Value, CodegenError> {
+        if op == UnOp::BitsToF32 {
+            if clty(t) != types::I32 {
+                return Err(self.err(format!("BitsToF32 of {t:?}")));
+            }
+            return Ok(self.b.ins().bitcast(types::F32, MemFlagsData::new(), x));
+        }
+        if t == Scalar::F16 {
+            return Err(self.err("f16 arithmetic is not supported (widen to f32 first)"));
+        }
         if !t.is_float() {
             return Ok(match op {
                 UnOp::Neg => self.b.ins().ineg(x),
@@ -559,6 +577,7 @@ impl KernelGen<'_, '_> {
             UnOp::Cos => self.sin_cos(x, true),
             UnOp::IsNaN => self.b.ins().fcmp(FloatCC::Unordered, x, x),
             UnOp::Not => return Err(self.err("Not on floats")),
+            UnOp::BitsToF32 => unreachable!("handled above"),
         })
     }
 
@@ -841,40 +860,87 @@ impl KernelGen<'_, '_> {
     }
 
     /// A vector-mode expression: `(value, is_vector)`. Loads contiguous in the vector loop's
-    /// variable become vector loads; everything invariant stays scalar until combined.
+    /// variable become vector loads; everything invariant stays scalar until combined. Float
+    /// expressions are f32x4; integer ones are i32x4, with narrower loads widened (u8, u16 and
+    /// the raw bits of f16 zero-extended, i8 and i16 sign-extended), which is exact because the
+    /// schedule only vectorizes integer arithmetic on i32 operands.
     fn vexpr(&mut self, e: &Expr) -> Result<(Value, bool), CodegenError> {
+        let class = lane_class(self.expr_type(e));
+        self.vexpr_in(e, class)
+    }
+
+    /// [`Self::vexpr`] with constants and invariant operands emitted in lane type `class`
+    /// (F32 or I32).
+    fn vexpr_in(&mut self, e: &Expr, class: Scalar) -> Result<(Value, bool), CodegenError> {
         let var = self.vec.as_ref().map(|m| m.var).expect("vector mode");
         Ok(match e {
             Expr::Var(x) => match self.vec.as_ref().and_then(|m| m.vvars.get(x)).copied() {
                 Some(vv) => (self.b.use_var(vv), true),
-                None => (self.b.use_var(self.vars[*x]), false),
+                None => (self.expr_as(e, class)?, false),
             },
             Expr::Load { buf, index } if linear_coeff(index, var) == Some(1) => {
                 let addr = self.address(*buf, index)?;
-                (self.b.ins().load(VF32, vflags(), addr, 0), true)
+                (self.vector_load(self.k.params[*buf].scalar, addr)?, true)
             }
             Expr::Bin { op, a, b } => {
-                let (x, xv) = self.vexpr(a)?;
-                let (y, yv) = self.vexpr(b)?;
+                let c = lane_class(self.operand_type(a, b));
+                let (x, xv) = self.vexpr_in(a, c)?;
+                let (y, yv) = self.vexpr_in(b, c)?;
                 if !(xv || yv) {
-                    return Ok((self.binop(*op, Scalar::F32, x, y)?, false));
+                    // Invariant: computed once in scalar code with the exact scalar types.
+                    return Ok((self.expr_as(e, class)?, false));
                 }
-                let x = if xv { x } else { self.b.ins().splat(VF32, x) };
-                let y = if yv { y } else { self.b.ins().splat(VF32, y) };
+                let vt = vtype(c);
+                if c == Scalar::I32 && matches!(op, BinOp::Shl | BinOp::Shr) {
+                    let amount = match &**b {
+                        Expr::Const(Const::I64(v)) => *v,
+                        Expr::Const(Const::I32(v)) => *v as i64,
+                        _ => return Err(self.err("vector shifts need a constant amount")),
+                    };
+                    if !(0..32).contains(&amount) {
+                        return Err(self.err("vector shift amount out of range"));
+                    }
+                    let r = if *op == BinOp::Shl {
+                        self.b.ins().ishl_imm_u(x, amount)
+                    } else {
+                        self.b.ins().ushr_imm_u(x, amount)
+                    };
+                    return Ok((r, true));
+                }
+                let x = if xv { x } else { self.b.ins().splat(vt, x) };
+                let y = if yv { y } else { self.b.ins().splat(vt, y) };
                 let i = self.b.ins();
-                let r = match op {
-                    BinOp::Add => i.fadd(x, y),
-                    BinOp::Sub => i.fsub(x, y),
-                    BinOp::Mul => i.fmul(x, y),
-                    BinOp::Div => i.fdiv(x, y),
-                    BinOp::Min => i.fmin(x, y),
-                    BinOp::Max => i.fmax(x, y),
-                    other => return Err(self.err(format!("{other:?} has no vector form"))),
+                let r = match (c, op) {
+                    (Scalar::F32, BinOp::Add) => i.fadd(x, y),
+                    (Scalar::F32, BinOp::Sub) => i.fsub(x, y),
+                    (Scalar::F32, BinOp::Mul) => i.fmul(x, y),
+                    (Scalar::F32, BinOp::Div) => i.fdiv(x, y),
+                    (Scalar::F32, BinOp::Min) => i.fmin(x, y),
+                    (Scalar::F32, BinOp::Max) => i.fmax(x, y),
+                    (Scalar::I32, BinOp::Add) => i.iadd(x, y),
+                    (Scalar::I32, BinOp::Sub) => i.isub(x, y),
+                    (Scalar::I32, BinOp::Mul) => i.imul(x, y),
+                    (Scalar::I32, BinOp::Min) => i.smin(x, y),
+                    (Scalar::I32, BinOp::Max) => i.smax(x, y),
+                    (Scalar::I32, BinOp::And) => i.band(x, y),
+                    (Scalar::I32, BinOp::Or) => i.bor(x, y),
+                    (Scalar::I32, BinOp::Xor) => i.bxor(x, y),
+                    (_, other) => return Err(self.err(format!("{other:?} has no vector form"))),
                 };
                 (r, true)
             }
+            Expr::Un {
+                op: UnOp::BitsToF32,
+                a,
+            } => {
+                let (x, xv) = self.vexpr_in(a, Scalar::I32)?;
+                if !xv {
+                    return Ok((self.unop(UnOp::BitsToF32, Scalar::I32, x)?, false));
+                }
+                (self.b.ins().bitcast(VF32, MemFlagsData::new(), x), true)
+            }
             Expr::Un { op, a } => {
-                let (x, xv) = self.vexpr(a)?;
+                let (x, xv) = self.vexpr_in(a, Scalar::F32)?;
                 if !xv {
                     return Ok((self.unop(*op, Scalar::F32, x)?, false));
                 }
@@ -891,7 +957,102 @@ impl KernelGen<'_, '_> {
                 };
                 (r, true)
             }
-            other => (self.expr_as(other, Scalar::F32)?, false),
+            Expr::Cast { to, a } => {
+                let from = self.expr_type(a);
+                let (x, xv) = self.vexpr_in(a, lane_class(from))?;
+                if !xv {
+                    return Ok((self.expr_as(e, class)?, false));
+                }
+                let r = match (lane_class(from), *to) {
+                    (Scalar::I32, Scalar::F32) if from != Scalar::F16 => {
+                        self.b.ins().fcvt_from_sint(VF32, x)
+                    }
+                    (Scalar::I32, Scalar::I32) => x,
+                    (Scalar::F32, Scalar::F32) => x,
+                    _ => {
+                        return Err(self.err(format!("cast {from:?} -> {to:?} has no vector form")))
+                    }
+                };
+                (r, true)
+            }
+            Expr::Select { cond, a, b } => {
+                let Expr::Cmp { op, a: ca, b: cb } = &**cond else {
+                    return Err(self.err("vector select needs a comparison"));
+                };
+                let cc = lane_class(self.operand_type(ca, cb));
+                let (p, pv) = self.vexpr_in(ca, cc)?;
+                let (q, qv) = self.vexpr_in(cb, cc)?;
+                let (x, xv) = self.vexpr_in(a, class)?;
+                let (y, yv) = self.vexpr_in(b, class)?;
+                if !(pv || qv || xv || yv) {
+                    return Ok((self.expr_as(e, class)?, false));
+                }
+                let (ct, vt) = (vtype(cc), vtype(class));
+                let p = if pv { p } else { self.b.ins().splat(ct, p) };
+                let q = if qv { q } else { self.b.ins().splat(ct, q) };
+                let x = if xv { x } else { self.b.ins().splat(vt, x) };
+                let y = if yv { y } else { self.b.ins().splat(vt, y) };
+                let mask = if cc == Scalar::F32 {
+                    let fcc = match op {
+                        CmpOp::Eq => FloatCC::Equal,
+                        CmpOp::Ne => FloatCC::NotEqual,
+                        CmpOp::Lt => FloatCC::LessThan,
+                        CmpOp::Le => FloatCC::LessThanOrEqual,
+                        CmpOp::Gt => FloatCC::GreaterThan,
+                        CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                    };
+                    self.b.ins().fcmp(fcc, p, q)
+                } else {
+                    let icc = match op {
+                        CmpOp::Eq => IntCC::Equal,
+                        CmpOp::Ne => IntCC::NotEqual,
+                        CmpOp::Lt => IntCC::SignedLessThan,
+                        CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                        CmpOp::Gt => IntCC::SignedGreaterThan,
+                        CmpOp::Ge => IntCC::SignedGreaterThanOrEqual,
+                    };
+                    self.b.ins().icmp(icc, p, q)
+                };
+                let mask = if vt == types::I32X4 {
+                    mask
+                } else {
+                    self.b.ins().bitcast(vt, MemFlagsData::new(), mask)
+                };
+                (self.b.ins().bitselect(mask, x, y), true)
+            }
+            other => (self.expr_as(other, class)?, false),
+        })
+    }
+
+    /// A vector load of 4 consecutive elements of type `s`, as f32x4 or i32x4.
+    fn vector_load(&mut self, s: Scalar, addr: Value) -> Result<Value, CodegenError> {
+        let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
+        Ok(match s {
+            Scalar::F32 => self.b.ins().load(VF32, vflags(), addr, 0),
+            Scalar::I32 => self.b.ins().load(types::I32X4, vflags(), addr, 0),
+            Scalar::U8 | Scalar::I8 | Scalar::Bool => {
+                let w = self.b.ins().load(types::I32, vflags(), addr, 0);
+                let v = self.b.ins().scalar_to_vector(types::I32X4, w);
+                let v = self.b.ins().bitcast(types::I8X16, le, v);
+                if s == Scalar::I8 {
+                    let h = self.b.ins().swiden_low(v);
+                    self.b.ins().swiden_low(h)
+                } else {
+                    let h = self.b.ins().uwiden_low(v);
+                    self.b.ins().uwiden_low(h)
+                }
+            }
+            Scalar::U16 | Scalar::I16 | Scalar::F16 => {
+                let w = self.b.ins().load(types::I64, vflags(), addr, 0);
+                let v = self.b.ins().scalar_to_vector(types::I64X2, w);
+                let v = self.b.ins().bitcast(types::I16X8, le, v);
+                if s == Scalar::I16 {
+                    self.b.ins().swiden_low(v)
+                } else {
+                    self.b.ins().uwiden_low(v)
+                }
+            }
+            other => return Err(self.err(format!("no vector load of {other:?}"))),
         })
     }
 
@@ -900,7 +1061,8 @@ impl KernelGen<'_, '_> {
         Ok(if is_vec {
             v
         } else {
-            self.b.ins().splat(VF32, v)
+            let t = vtype(lane_class(self.expr_type(e)));
+            self.b.ins().splat(t, v)
         })
     }
 

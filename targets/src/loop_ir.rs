@@ -21,13 +21,17 @@ pub enum Scalar {
     U64,
     /// Booleans, stored as one byte (0 or 1).
     Bool,
+    /// IEEE half precision, a storage type only: it is loaded, stored and moved as its 16 raw
+    /// bits (an unsigned 16-bit integer); arithmetic on it is refused. Kernels widen it to f32
+    /// with integer bit operations and [`UnOp::BitsToF32`] (see `lower::f16_to_f32`).
+    F16,
 }
 
 impl Scalar {
     pub fn bytes(self) -> usize {
         match self {
             Scalar::I8 | Scalar::U8 | Scalar::Bool => 1,
-            Scalar::I16 | Scalar::U16 => 2,
+            Scalar::I16 | Scalar::U16 | Scalar::F16 => 2,
             Scalar::F32 | Scalar::I32 | Scalar::U32 => 4,
             Scalar::F64 | Scalar::I64 | Scalar::U64 => 8,
         }
@@ -40,7 +44,7 @@ impl Scalar {
     pub fn is_unsigned(self) -> bool {
         matches!(
             self,
-            Scalar::U8 | Scalar::U16 | Scalar::U32 | Scalar::U64 | Scalar::Bool
+            Scalar::U8 | Scalar::U16 | Scalar::U32 | Scalar::U64 | Scalar::Bool | Scalar::F16
         )
     }
 }
@@ -94,6 +98,8 @@ pub enum UnOp {
     Round,
     /// Float -> bool.
     IsNaN,
+    /// Reinterprets the bits of an i32 as an f32.
+    BitsToF32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,6 +323,40 @@ impl Kernel {
     pub fn new_var(&mut self, s: Scalar) -> VarId {
         self.vars.push(s);
         self.vars.len() - 1
+    }
+
+    /// The type of an expression. Constants adapt to the other operand of a binary op, so a
+    /// binary expression has the type of its first non-constant operand.
+    pub fn expr_type(&self, e: &Expr) -> Scalar {
+        match e {
+            Expr::Const(Const::F32(_)) => Scalar::F32,
+            Expr::Const(Const::I64(_)) => Scalar::I64,
+            Expr::Const(Const::I32(_)) => Scalar::I32,
+            Expr::Const(Const::Bool(_)) => Scalar::Bool,
+            Expr::Var(v) => self.vars[*v],
+            Expr::Load { buf, .. } => self.params[*buf].scalar,
+            Expr::Bin { a, b, .. } => self.operand_type(a, b),
+            Expr::Un {
+                op: UnOp::IsNaN, ..
+            } => Scalar::Bool,
+            Expr::Un {
+                op: UnOp::BitsToF32,
+                ..
+            } => Scalar::F32,
+            Expr::Un { a, .. } => self.expr_type(a),
+            Expr::Cmp { .. } => Scalar::Bool,
+            Expr::Select { a, b, .. } => self.operand_type(a, b),
+            Expr::Cast { to, .. } => *to,
+        }
+    }
+
+    /// The type two operands are computed in: that of the first non-constant one.
+    pub fn operand_type(&self, a: &Expr, b: &Expr) -> Scalar {
+        if matches!(a, Expr::Const(_)) && !matches!(b, Expr::Const(_)) {
+            self.expr_type(b)
+        } else {
+            self.expr_type(a)
+        }
     }
 }
 

@@ -199,9 +199,12 @@ fn writes_first(stmts: &[Stmt], locals: &HashSet<VarId>, seen: &mut HashSet<VarI
 
 fn stmts_ok(k: &Kernel, v: VarId, locals: &HashSet<VarId>, stmts: &[Stmt]) -> bool {
     stmts.iter().all(|s| match s {
-        Stmt::Assign { value, .. } => value_ok(k, v, locals, value),
+        Stmt::Assign { value, .. } => {
+            k.expr_type(value) == Scalar::F32 && value_ok(k, v, locals, value)
+        }
         Stmt::Store { buf, index, value } => {
             k.params[*buf].scalar == Scalar::F32
+                && k.expr_type(value) == Scalar::F32
                 && index_ok(v, locals, index) == Some(1)
                 && value_ok(k, v, locals, value)
         }
@@ -218,24 +221,86 @@ fn index_ok(v: VarId, locals: &HashSet<VarId>, index: &Expr) -> Option<i64> {
     linear_coeff(index, v).filter(|c| *c == 0 || *c == 1)
 }
 
+/// Whether `e` has a vector form: f32 arithmetic, and i32 integer arithmetic (bit operations,
+/// shifts by constants) on loads widened from narrower integers or f16 bits, with casts
+/// between the two and selects on comparisons.
 fn value_ok(k: &Kernel, v: VarId, locals: &HashSet<VarId>, e: &Expr) -> bool {
+    let ok = |x: &Expr| value_ok(k, v, locals, x);
     match e {
-        Expr::Const(Const::F32(_)) => true,
-        Expr::Var(x) => *x != v && (locals.contains(x) || k.vars[*x] == Scalar::F32),
+        Expr::Const(c) => !matches!(c, Const::Bool(_)),
+        Expr::Var(x) => {
+            *x != v && (locals.contains(x) || matches!(k.vars[*x], Scalar::F32 | Scalar::I32))
+        }
         Expr::Load { buf, index } => {
-            k.params[*buf].scalar == Scalar::F32 && index_ok(v, locals, index).is_some()
+            matches!(
+                k.params[*buf].scalar,
+                Scalar::F32
+                    | Scalar::I32
+                    | Scalar::U8
+                    | Scalar::I8
+                    | Scalar::Bool
+                    | Scalar::U16
+                    | Scalar::I16
+                    | Scalar::F16
+            ) && index_ok(v, locals, index).is_some()
         }
         Expr::Bin { op, a, b } => {
-            matches!(
-                op,
-                BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Min | BinOp::Max
-            ) && value_ok(k, v, locals, a)
-                && value_ok(k, v, locals, b)
+            let op_ok = match k.operand_type(a, b) {
+                Scalar::F32 => matches!(
+                    op,
+                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Min | BinOp::Max
+                ),
+                Scalar::I32 => match op {
+                    BinOp::Add
+                    | BinOp::Sub
+                    | BinOp::Mul
+                    | BinOp::Min
+                    | BinOp::Max
+                    | BinOp::And
+                    | BinOp::Or
+                    | BinOp::Xor => true,
+                    BinOp::Shl | BinOp::Shr => matches!(
+                        **b,
+                        Expr::Const(Const::I64(0..=31)) | Expr::Const(Const::I32(0..=31))
+                    ),
+                    _ => false,
+                },
+                _ => false,
+            };
+            op_ok && ok(a) && ok(b)
         }
+        Expr::Un {
+            op: UnOp::BitsToF32,
+            a,
+        } => k.expr_type(a) == Scalar::I32 && ok(a),
         Expr::Un { op, a } => {
             matches!(op, UnOp::Neg | UnOp::Abs | UnOp::Sqrt | UnOp::Recip)
-                && value_ok(k, v, locals, a)
+                && k.expr_type(a) == Scalar::F32
+                && ok(a)
         }
+        Expr::Cast { to, a } => {
+            let from = k.expr_type(a);
+            let int_from = matches!(
+                from,
+                Scalar::I32 | Scalar::U8 | Scalar::I8 | Scalar::Bool | Scalar::U16 | Scalar::I16
+            );
+            let conv_ok = match to {
+                Scalar::F32 => from == Scalar::F32 || int_from,
+                Scalar::I32 => int_from || from == Scalar::F16,
+                _ => false,
+            };
+            conv_ok && ok(a)
+        }
+        Expr::Select { cond, a, b } => match &**cond {
+            Expr::Cmp { a: ca, b: cb, .. } => {
+                matches!(k.operand_type(ca, cb), Scalar::F32 | Scalar::I32)
+                    && ok(ca)
+                    && ok(cb)
+                    && ok(a)
+                    && ok(b)
+            }
+            _ => false,
+        },
         _ => false,
     }
 }

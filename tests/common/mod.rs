@@ -4,9 +4,11 @@
 
 use bytes::Bytes;
 use kiln_compiler::proto::{self, tensor_shape_proto::dimension, type_proto};
+use kiln_compiler::Tensor;
 use prost::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 pub fn cache_dir() -> PathBuf {
     match std::env::var_os("KILN_CACHE") {
@@ -156,4 +158,94 @@ pub fn relu_model() -> proto::ModelProto {
         vec![value_info("y", 1, &[Ok(2), Ok(3)])],
         vec![],
     )
+}
+
+// ---- running artifacts natively and under qemu-aarch64
+
+pub fn run_native(so: &Path, inputs: &[Tensor], threads: usize) -> Vec<Tensor> {
+    let model = kiln_runtime::Model::load(so).unwrap();
+    let mut session = kiln_runtime::Session::new(&model, threads).unwrap();
+    let ins: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
+    let mut outs: Vec<Vec<u8>> = model
+        .outputs()
+        .iter()
+        .map(|o| vec![0u8; o.byte_size().unwrap()])
+        .collect();
+    {
+        let i: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
+        let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        session.run(&i, &mut o).unwrap();
+    }
+    model
+        .outputs()
+        .iter()
+        .zip(&outs)
+        .map(|(info, b)| {
+            let dt = kiln_compiler::DType::from_onnx(info.dtype).unwrap();
+            Tensor::from_le_bytes(dt, info.dims.iter().map(|&d| d as usize).collect(), b).unwrap()
+        })
+        .collect()
+}
+
+pub fn tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is missing: apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user (scripts/setup-test-env does)")
+    })
+}
+
+/// The C harness built for aarch64 (once per test process).
+pub fn aarch64_harness() -> &'static Path {
+    static HARNESS: OnceLock<PathBuf> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("kiln_run_aarch64_{}", std::process::id()));
+        let st = Command::new(tool("aarch64-linux-gnu-gcc"))
+            .args(["-O2", "-std=c99", "-Wall", "-I"])
+            .arg(repo_root().join("runtime/include"))
+            .arg(repo_root().join("runtime/c/kiln_run.c"))
+            .arg("-o")
+            .arg(&out)
+            .args(["-ldl", "-lpthread"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the aarch64 C harness failed");
+        out
+    })
+}
+
+pub struct QemuRun {
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub outputs: Vec<Vec<u8>>,
+}
+
+pub fn run_qemu(so: &Path, cpu: &str, inputs: &[Tensor], n_out: usize) -> QemuRun {
+    let dir = tempfile::tempdir().unwrap();
+    let (ind, outd) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::create_dir_all(&ind).unwrap();
+    std::fs::create_dir_all(&outd).unwrap();
+    for (k, t) in inputs.iter().enumerate() {
+        std::fs::write(ind.join(format!("input_{k}.bin")), t.to_le_bytes()).unwrap();
+    }
+    let out = Command::new(tool("qemu-aarch64"))
+        .args(["-L", "/usr/aarch64-linux-gnu", "-cpu", cpu])
+        .arg(aarch64_harness())
+        .arg(so)
+        .arg(&ind)
+        .arg(&outd)
+        .arg("2")
+        .output()
+        .unwrap();
+    let outputs = (0..n_out)
+        .map(|k| std::fs::read(outd.join(format!("output_{k}.bin"))).unwrap_or_default())
+        .collect();
+    QemuRun {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        outputs,
+    }
 }

@@ -104,6 +104,16 @@ pub fn check_inputs(g: &Graph, inputs: &[Tensor]) -> Result<HashMap<String, usiz
 
 /// Runs the graph on `inputs` (graph input order) and returns the outputs in graph order.
 pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
+    run_observed(g, inputs, &mut |_, _| {})
+}
+
+/// [`run`], calling `observe` with every node and its input values just before the node
+/// runs (calibration: activation statistics of the layers to quantize or prune).
+pub fn run_observed(
+    g: &Graph,
+    inputs: &[Tensor],
+    observe: &mut dyn FnMut(&crate::ir::Node, &[Option<&Tensor>]),
+) -> Result<Vec<Tensor>, InterpError> {
     check_inputs(g, inputs)?;
     let order = g
         .topo_order()
@@ -122,7 +132,7 @@ pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
         env.insert(v, inputs[i].clone());
     }
     for &id in &order {
-        let outs = eval_node(g, id, &mut env)?;
+        let outs = eval_node(g, id, &mut env, observe)?;
         let node = &g.nodes[id];
         for (k, t) in outs.into_iter().enumerate() {
             if let Some(&o) = node.outputs.get(k) {
@@ -160,6 +170,7 @@ fn eval_node(
     g: &Graph,
     id: NodeId,
     env: &mut HashMap<ValueId, Tensor>,
+    observe: &mut dyn FnMut(&crate::ir::Node, &[Option<&Tensor>]),
 ) -> Result<Vec<Tensor>, InterpError> {
     let node = &g.nodes[id];
     // Decode constants this node reads that are not decoded yet.
@@ -187,6 +198,7 @@ fn eval_node(
             g.value(node.inputs[pos].expect("checked")).name
         )));
     }
+    observe(node, &ins);
     eval_op(&node.op, &ins, node.outputs.len()).map_err(|e| InterpError::Kernel {
         node: node.name.clone(),
         op: node.op.onnx_name().to_string(),

@@ -135,6 +135,19 @@ pub struct Graph {
     pub outputs: Vec<ValueId>,
     /// Imported opsets, (domain, version), "" for the default domain.
     pub opsets: Vec<(String, i64)>,
+    /// How imported nodes were written in ONNX, by node name: ONNX export writes a node whose
+    /// typed op is still the imported one with its original op type and attributes.
+    pub onnx_nodes: HashMap<String, OnnxNode>,
+}
+
+/// An imported node's ONNX form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OnnxNode {
+    /// The typed op it was imported as.
+    pub op: Op,
+    pub domain: String,
+    pub op_type: String,
+    pub attributes: Vec<crate::proto::AttributeProto>,
 }
 
 /// A cycle in the node graph; the nodes are those left over by a topological sort.

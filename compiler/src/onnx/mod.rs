@@ -3,6 +3,7 @@
 //! turns every node into a typed [`Op`] according to the opset version the model imports, and
 //! builds a verified [`Graph`]. All unsupported operators are reported at once.
 
+pub mod export;
 pub mod ops;
 pub mod tensor_proto;
 
@@ -380,6 +381,15 @@ fn import_graph(
         while inputs.last() == Some(&None) {
             inputs.pop();
         }
+        g.onnx_nodes.insert(
+            name.clone(),
+            OnnxNode {
+                op: op.clone(),
+                domain: n.domain.clone().unwrap_or_default(),
+                op_type: n.op_type.clone().unwrap_or_default(),
+                attributes: n.attribute.clone(),
+            },
+        );
         let id = g.nodes.add_node(Node {
             name,
             op,

@@ -4,6 +4,7 @@
 //! their input's buffer instead of copying. Ops without a lowering are reported all at once.
 
 mod conv;
+mod quant;
 mod scan;
 
 use crate::loop_ir::*;
@@ -90,6 +91,7 @@ pub fn scalar_of(d: DType) -> Option<Scalar> {
         DType::U32 => Some(Scalar::U32),
         DType::U64 => Some(Scalar::U64),
         DType::Bool => Some(Scalar::Bool),
+        DType::F16 => Some(Scalar::F16),
         _ => None,
     }
 }
@@ -128,6 +130,9 @@ pub(crate) struct Lowerer<'g> {
     g: &'g Graph,
     p: Program,
     buf_of: HashMap<ValueId, usize>,
+    /// f32 values that are a Cast of f16 data read only by matrix products, which widen the
+    /// half bits themselves: value -> (the f16 value, whether it may hold inf/NaN).
+    f16_widened: HashMap<ValueId, (ValueId, bool)>,
 }
 
 pub(crate) type R<T> = Result<T, String>;
@@ -155,6 +160,7 @@ pub fn lower(g: &Graph) -> Result<Program, LowerError> {
         g,
         p: Program::default(),
         buf_of: HashMap::new(),
+        f16_widened: HashMap::new(),
     };
     for (i, &v) in g.inputs.iter().enumerate() {
         let (dtype, shape) = lw.static_type(v)?;
@@ -214,7 +220,7 @@ fn supported(op: &Op) -> bool {
         Reduce { .. } | ArgReduce { .. } | CumSum { .. } => true,
         Softmax { .. } => true,
         Trilu { .. } | GatherElements { .. } | Pad { .. } => true,
-        MatMul | Gemm { .. } => true,
+        MatMul | Gemm { .. } | MatMulNBits { .. } => true,
         LayerNorm { .. } | RmsNorm { .. } => true,
         Reshape { .. } | Squeeze { .. } | Unsqueeze { .. } | Flatten { .. } => true,
         Conv(_) | ConvTranspose { .. } | Pool(_) | GlobalPool(_) => conv::supported(op),
@@ -532,6 +538,13 @@ impl<'g> Lowerer<'g> {
                 }
                 Ok(())
             }
+            Cast { .. } if self.widen_in_consumers(n)? => Ok(()),
+            MatMulNBits {
+                k,
+                n: cols,
+                bits,
+                block_size,
+            } => self.matmul_nbits(n, *k, *cols, *bits, *block_size),
             Unary(_)
             | Binary(_)
             | Variadic(_)
@@ -810,10 +823,24 @@ impl<'g> Lowerer<'g> {
         }
         let mut k = Kernel::new(&n.name);
         let ab = self.buffer(a)?;
-        let bb = self.buffer(b)?;
+        // B may be f16 data widened in registers (see `quant::widen_in_consumers`).
+        let widened = self.f16_widened.get(&b).copied();
+        let bb = match widened {
+            Some((half, _)) => self.buffer(half)?,
+            None => self.buffer(b)?,
+        };
         let mut args = vec![ab, bb];
         let ap = k.param("a", Scalar::F32, self.p.buffers[ab].len, false);
-        let bp = k.param("b", Scalar::F32, self.p.buffers[bb].len, false);
+        let b_scalar = if widened.is_some() {
+            Scalar::F16
+        } else {
+            Scalar::F32
+        };
+        let bp = k.param("b", b_scalar, self.p.buffers[bb].len, false);
+        let b_value = |idx: Expr| match widened {
+            Some((_, specials)) => quant::f16_to_f32(Expr::load(bp, idx), specials),
+            None => Expr::load(bp, idx),
+        };
         let c = match gemm {
             Some(_) => match n.inputs.get(2).copied().flatten() {
                 Some(cv) => {
@@ -877,7 +904,7 @@ impl<'g> Lowerer<'g> {
                     Expr::mul(Expr::load(ap, a_idx), Expr::var(bval))
                 })
                 .collect();
-            let mut s = blocked_sums(k, &accs, p, kk, &terms, &[(bval, Expr::load(bp, b_idx))]);
+            let mut s = blocked_sums(k, &accs, p, kk, &terms, &[(bval, b_value(b_idx))]);
             for (r, &acc) in accs.iter().enumerate() {
                 let mut result = Expr::var(acc);
                 if let Some((alpha, beta, _, _)) = gemm {
@@ -1708,6 +1735,14 @@ fn elementwise_expr(
                 e = Expr::min(e, h);
             }
             e
+        }
+        Op::Cast { .. } | Op::CastLike { .. } if in_scalars.first() == Some(&Scalar::F16) => {
+            let wide = quant::f16_to_f32(ld(0), true);
+            if out == Scalar::F32 {
+                wide
+            } else {
+                Expr::cast(out, wide)
+            }
         }
         Op::Cast { .. } | Op::CastLike { .. } => Expr::cast(out, ld(0)),
         other => return Err(format!("{} is not elementwise", other.onnx_name())),

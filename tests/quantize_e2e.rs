@@ -1,0 +1,363 @@
+//! Weight quantization end to end: `kiln compile --quantize` on the test-pack models. The
+//! quantized graph (written with `--emit-onnx`) is the reference: Kiln's artifacts for x86_64
+//! (native) and both aarch64 profiles (qemu) must match the interpreter on it, and onnxruntime
+//! must run it and agree. On SmolLM2: automatic f16 exclusions, artifact size against the
+//! expected INT4 + f16 size, perplexity parity with onnxruntime's own INT4 quantization, and
+//! aarch64 logits equal to x86_64's. Also AWQ on token calibration, and bad settings.
+
+mod common;
+
+use common::*;
+use kiln_compiler::onnx::{load_model, tensor_proto::read_tensor_file};
+use kiln_compiler::{compare, interp, Tensor};
+use std::path::Path;
+use std::process::Command;
+
+fn read_set(dir: &Path, prefix: &str) -> Vec<Tensor> {
+    (0..)
+        .map(|k| dir.join(format!("{prefix}_{k}.pb")))
+        .take_while(|p| p.exists())
+        .map(|p| read_tensor_file(&p).unwrap().1)
+        .collect()
+}
+
+fn compile_ok(args: &[&str]) -> String {
+    let r = kiln(args);
+    assert_eq!(r.code, Some(0), "kiln {}: {}", args.join(" "), r.stderr);
+    r.stdout
+}
+
+fn close(what: &str, expected: &[Tensor], got: &[Tensor], rtol: f64, atol: f64) {
+    assert_eq!(expected.len(), got.len(), "{what}: output count");
+    for (k, (e, g)) in expected.iter().zip(got).enumerate() {
+        let d = compare::allclose(e, g, rtol, atol).unwrap_or_else(|r| panic!("{what} {k}: {r}"));
+        eprintln!("{what} output {k}: max abs diff {:.2e}", d.max_abs);
+    }
+}
+
+fn qemu_outputs(so: &Path, cpu: &str, inputs: &[Tensor], like: &[Tensor]) -> Vec<Tensor> {
+    let r = run_qemu(so, cpu, inputs, like.len());
+    assert_eq!(r.code, Some(0), "qemu -cpu {cpu}: {}", r.stderr);
+    like.iter()
+        .zip(&r.outputs)
+        .map(|(e, b)| Tensor::from_le_bytes(e.dtype(), e.shape.clone(), b).unwrap())
+        .collect()
+}
+
+#[test]
+fn tiny_llama_q4_artifacts_match_the_quantized_graph_on_every_target() {
+    let m = model_dir("tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = dir.path().join("q4.onnx");
+    let inputs = read_set(&m.join("test_data_set_0"), "input");
+    let mut reference = None;
+    for target in ["x86_64", "aarch64-neon", "aarch64-neon-dotprod"] {
+        let so = dir.path().join(format!("q4_{target}.so"));
+        let out = compile_ok(&[
+            "compile",
+            m.join("model.onnx").to_str().unwrap(),
+            "--target",
+            target,
+            "--quantize",
+            "q4",
+            "--group-size",
+            "32",
+            "--emit-onnx",
+            onnx.to_str().unwrap(),
+            "-o",
+            so.to_str().unwrap(),
+        ]);
+        assert!(out.contains("quantized 14 layers"), "{out}");
+        let expected = reference.get_or_insert_with(|| {
+            let g = load_model(&onnx).unwrap().graph;
+            assert!(
+                g.nodes
+                    .node_weights()
+                    .any(|n| n.op.onnx_name() == "MatMulNBits"),
+                "the emitted graph has MatMulNBits nodes"
+            );
+            interp::run(&g, &inputs).unwrap()
+        });
+        let got = match target {
+            "x86_64" => run_native(&so, &inputs, 2),
+            "aarch64-neon" => qemu_outputs(&so, "cortex-a72", &inputs, expected),
+            _ => qemu_outputs(&so, "max", &inputs, expected),
+        };
+        close(
+            &format!("tiny_llama q4 {target}"),
+            expected,
+            &got,
+            1e-3,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn emitted_onnx_runs_in_onnxruntime_and_matches_the_artifact() {
+    let m = model_dir("tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let (onnx, so) = (dir.path().join("q.onnx"), dir.path().join("q.so"));
+    compile_ok(&[
+        "compile",
+        m.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "--quantize",
+        "q4",
+        "--emit-onnx",
+        onnx.to_str().unwrap(),
+        "-o",
+        so.to_str().unwrap(),
+    ]);
+    let inputs_dir = m.join("test_data_set_0");
+    let ort_out = dir.path().join("ort");
+    let st = Command::new(cache_dir().join("venv/bin/python"))
+        .arg(repo_root().join("scripts/ort_run.py"))
+        .arg(&onnx)
+        .arg(&inputs_dir)
+        .arg(&ort_out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "onnxruntime could not run the emitted model");
+    let ort = read_set(&ort_out, "output");
+    let ours = run_native(&so, &read_set(&inputs_dir, "input"), 1);
+    close(
+        "emitted onnx in onnxruntime vs artifact",
+        &ort,
+        &ours,
+        1e-3,
+        1e-4,
+    );
+}
+
+/// Expected INT4 artifact weight bytes of SmolLM2-135M: packed nibbles, f16 scales and packed
+/// 4-bit zero points of the 210 projections (K/128 rounded up blocks per column), the f16
+/// embedding table (shared with the tied head) and the f32 norm weights.
+fn smollm2_expected_int4_bytes() -> f64 {
+    let (d, kv, ff, layers, vocab) = (576usize, 192usize, 1536usize, 30usize, 49152usize);
+    // (K, N) of q, k, v, o, gate, up, down.
+    let projections = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)];
+    let mut bytes = 0f64;
+    for (k, n) in projections {
+        let blocks = k.div_ceil(128);
+        bytes +=
+            (n * blocks * 64) as f64 + (n * blocks * 2) as f64 + (n * blocks.div_ceil(2)) as f64;
+    }
+    bytes *= layers as f64;
+    bytes + (vocab * d * 2) as f64 + ((2 * layers + 1) * d * 4) as f64
+}
+
+#[test]
+fn smollm2_int4_keeps_embedding_and_tied_head_in_f16_at_the_expected_size() {
+    let m = model_dir("smollm2_135m");
+    let dir = tempfile::tempdir().unwrap();
+    let x86 = dir.path().join("q4_x86.so");
+    let out = compile_ok(&[
+        "compile",
+        m.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "--quantize",
+        "q4",
+        "-o",
+        x86.to_str().unwrap(),
+    ]);
+    assert!(out.contains("embedding table"), "{out}");
+    assert!(out.contains("tied LM head"), "{out}");
+    assert!(out.contains("quantized 210 layers"), "{out}");
+    assert!(!out.contains("WARNING"), "{out}");
+    let size = std::fs::metadata(&x86).unwrap().len() as f64;
+    let expected = smollm2_expected_int4_bytes();
+    eprintln!("artifact {size} bytes, expected weights {expected}");
+    assert!(
+        (size - expected).abs() / expected < 0.10,
+        "artifact {size} bytes vs expected {expected}"
+    );
+    // The same model for aarch64 under qemu gives the x86_64 artifact's logits.
+    let arm = dir.path().join("q4_arm.so");
+    compile_ok(&[
+        "compile",
+        m.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "aarch64-neon",
+        "--quantize",
+        "q4",
+        "-o",
+        arm.to_str().unwrap(),
+    ]);
+    let inputs = read_set(&m.join("test_data_set_0"), "input");
+    let x86_out = run_native(&x86, &inputs, 2);
+    let arm_out = qemu_outputs(&arm, "cortex-a72", &inputs, &x86_out);
+    close(
+        "smollm2 q4 aarch64 vs x86_64",
+        &x86_out,
+        &arm_out,
+        1e-3,
+        1e-4,
+    );
+}
+
+/// Per-window NLL of `kiln eval` output lines `window i: nll X`.
+fn window_nlls(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("window "))
+        .filter_map(|l| l.split("nll ").nth(1))
+        .map(|v| v.trim().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
+    let m = model_dir("smollm2_135m_seq128");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("reference.json")).unwrap()).unwrap();
+    let ort_int4: Vec<f64> = reference["int4_ort_matmulnbits"]["nll_per_window"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let fp32: Vec<f64> = reference["fp32"]["nll_per_window"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("q4.so");
+    compile_ok(&[
+        "compile",
+        m.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "--quantize",
+        "q4",
+        "-o",
+        so.to_str().unwrap(),
+    ]);
+    let tokens = repo_root().join("tests/data/lee_background.smollm2.i32");
+    let r = kiln(&[
+        "eval",
+        so.to_str().unwrap(),
+        "--perplexity",
+        tokens.to_str().unwrap(),
+        "--window",
+        "128",
+        "--windows",
+        "3",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r
+        .stdout
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap()
+        .starts_with("perplexity: "));
+    let ours = window_nlls(&r.stdout);
+    assert_eq!(ours.len(), 3);
+    for (w, nll) in ours.iter().enumerate() {
+        let rel = (nll - ort_int4[w]) / ort_int4[w];
+        eprintln!(
+            "window {w}: kiln int4 {nll:.3}, onnxruntime int4 {:.3}, fp32 {:.3}",
+            ort_int4[w], fp32[w]
+        );
+        // Same algorithm as onnxruntime's quantizer (f16 scales and f16 exclusions apart):
+        // within 0.5% per window, and quantization must cost something against fp32.
+        assert!(
+            rel.abs() < 0.005,
+            "window {w}: {nll} vs onnxruntime int4 {}",
+            ort_int4[w]
+        );
+        assert!(
+            *nll > fp32[w],
+            "window {w}: int4 {nll} below fp32 {}",
+            fp32[w]
+        );
+    }
+}
+
+#[test]
+fn awq_with_token_calibration_compiles_and_matches_its_graph() {
+    let m = model_dir("tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    // Token ids below tiny_llama's vocabulary of 2048.
+    let tokens: Vec<u8> = (0..8 * 6)
+        .flat_map(|i: i32| ((i * 7919 + 13) % 2048).to_le_bytes())
+        .collect();
+    let tok = dir.path().join("tokens.i32");
+    std::fs::write(&tok, tokens).unwrap();
+    let (onnx, so) = (dir.path().join("awq.onnx"), dir.path().join("awq.so"));
+    let out = compile_ok(&[
+        "compile",
+        m.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "--quantize",
+        "q4",
+        "--group-size",
+        "32",
+        "--method",
+        "awq",
+        "--calibration",
+        tok.to_str().unwrap(),
+        "--calibration-samples",
+        "4",
+        "--emit-onnx",
+        onnx.to_str().unwrap(),
+        "-o",
+        so.to_str().unwrap(),
+    ]);
+    assert!(out.contains("AWQ: 4 samples"), "{out}");
+    let inputs = read_set(&m.join("test_data_set_0"), "input");
+    let expected = interp::run(&load_model(&onnx).unwrap().graph, &inputs).unwrap();
+    close(
+        "tiny_llama awq x86_64",
+        &expected,
+        &run_native(&so, &inputs, 1),
+        1e-3,
+        1e-4,
+    );
+}
+
+#[test]
+fn bad_quantization_settings_are_one_line_errors() {
+    let m = model_dir("tiny_llama");
+    let model = m.join("model.onnx");
+    let model = model.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--quantize", "q5"], "expected one of q4f16"),
+        (&["--quantize", "q4", "--group-size", "48"], "group size 48"),
+        (
+            &["--quantize", "q4", "--method", "awq"],
+            "needs calibration data",
+        ),
+        (&["--group-size", "64"], "need --quantize"),
+        (
+            &[
+                "--quantize",
+                "q4",
+                "--calibration",
+                "/nonexistent/tokens.i32",
+            ],
+            "not found",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec![
+            "compile",
+            model,
+            "--target",
+            "x86_64",
+            "-o",
+            "/tmp/kiln_never.so",
+        ];
+        args.extend_from_slice(extra);
+        let r = kiln(&args);
+        assert_eq!(r.code, Some(1), "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{extra:?}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{extra:?}: {}", r.stderr);
+    }
+}
