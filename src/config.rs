@@ -865,10 +865,10 @@ impl Config {
                         let b = v.as_bool().ok_or_else(|| wrong("true or false", v))?;
                         // zero_point: true is asymmetric quantization.
                         let symmetric = if key == "symmetric" { b } else { !b };
-                        if self.quant_keys_seen.contains(&"symmetric")
-                            || self.quant_keys_seen.contains(&"zero_point")
+                        let seen = self.quant_keys_seen.contains(&"symmetric")
+                            || self.quant_keys_seen.contains(&"zero_point");
                         {
-                            if symmetric != q.symmetric {
+                            if seen && symmetric != q.symmetric {
                                 return Err(src.key(
                                     &path,
                                     Problem::Inconsistent {

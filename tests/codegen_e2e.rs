@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use kiln_compiler::onnx::{load_model, tensor_proto::read_tensor_file};
 use kiln_compiler::{compare, interp, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const RTOL: f64 = 1e-3;

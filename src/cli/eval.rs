@@ -41,7 +41,7 @@ pub struct Args {
 
 /// Something that maps graph inputs to outputs.
 enum Runner {
-    Interp(Graph),
+    Interp(Box<Graph>),
     Artifact(Box<kiln_runtime::Model>),
 }
 
@@ -53,7 +53,7 @@ impl Runner {
             Ok(Runner::Artifact(Box::new(m)))
         } else {
             let m = onnx::load_model(path).with_context(|| format!("{}", path.display()))?;
-            Ok(Runner::Interp(m.graph))
+            Ok(Runner::Interp(Box::new(m.graph)))
         }
     }
 
