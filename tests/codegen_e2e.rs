@@ -16,19 +16,11 @@ use std::process::Command;
 const RTOL: f64 = 1e-3;
 const ATOL: f64 = 1e-4;
 
-fn read_inputs(dir: &Path) -> Vec<Tensor> {
-    (0..)
-        .map(|k| dir.join(format!("input_{k}.pb")))
-        .take_while(|p| p.exists())
-        .map(|p| read_tensor_file(&p).unwrap().1)
-        .collect()
-}
-
 /// Reference outputs of the interpreter on the model's test inputs.
 fn reference(model: &str) -> (Vec<Tensor>, Vec<Tensor>) {
     let dir = model_dir(model);
     let m = load_model(&dir.join("model.onnx")).unwrap();
-    let inputs = read_inputs(&dir.join("test_data_set_0"));
+    let inputs = read_set(&dir.join("test_data_set_0"), "input");
     let outputs = interp::run(&m.graph, &inputs).unwrap();
     (inputs, outputs)
 }

@@ -4,20 +4,11 @@
 mod common;
 
 use common::*;
-use kiln_compiler::onnx::{load_model, tensor_proto::read_tensor_file};
-use kiln_compiler::{compare, interp, Tensor};
-use std::path::Path;
+use kiln_compiler::onnx::load_model;
+use kiln_compiler::{compare, interp};
 
 const RTOL: f64 = 1e-3;
 const ATOL: f64 = 1e-4;
-
-fn read_set(dir: &Path, prefix: &str) -> Vec<Tensor> {
-    (0..)
-        .map(|k| dir.join(format!("{prefix}_{k}.pb")))
-        .take_while(|p| p.exists())
-        .map(|p| read_tensor_file(&p).unwrap().1)
-        .collect()
-}
 
 fn check_model(name: &str) {
     let dir = model_dir(name);

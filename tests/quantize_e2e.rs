@@ -8,21 +8,25 @@
 mod common;
 
 use common::*;
-use kiln_compiler::onnx::{load_model, tensor_proto::read_tensor_file};
+use kiln_compiler::onnx::load_model;
 use kiln_compiler::{compare, interp, Tensor};
 use std::path::Path;
 use std::process::Command;
 
-fn read_set(dir: &Path, prefix: &str) -> Vec<Tensor> {
-    (0..)
-        .map(|k| dir.join(format!("{prefix}_{k}.pb")))
-        .take_while(|p| p.exists())
-        .map(|p| read_tensor_file(&p).unwrap().1)
-        .collect()
-}
-
-fn compile_ok(args: &[&str]) -> String {
-    let r = kiln(args);
+/// `kiln compile MODEL --target TARGET --quantize q4 EXTRA... -o OUT`; returns its stdout.
+fn compile_q4(model_dir: &Path, target: &str, extra: &[&str], out: &Path) -> String {
+    let model = model_dir.join("model.onnx");
+    let mut args = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "--target",
+        target,
+        "--quantize",
+        "q4",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["-o", out.to_str().unwrap()]);
+    let r = kiln(&args);
     assert_eq!(r.code, Some(0), "kiln {}: {}", args.join(" "), r.stderr);
     r.stdout
 }
@@ -53,20 +57,12 @@ fn tiny_llama_q4_artifacts_match_the_quantized_graph_on_every_target() {
     let mut reference = None;
     for target in ["x86_64", "aarch64-neon", "aarch64-neon-dotprod"] {
         let so = dir.path().join(format!("q4_{target}.so"));
-        let out = compile_ok(&[
-            "compile",
-            m.join("model.onnx").to_str().unwrap(),
-            "--target",
+        let out = compile_q4(
+            &m,
             target,
-            "--quantize",
-            "q4",
-            "--group-size",
-            "32",
-            "--emit-onnx",
-            onnx.to_str().unwrap(),
-            "-o",
-            so.to_str().unwrap(),
-        ]);
+            &["--group-size", "32", "--emit-onnx", onnx.to_str().unwrap()],
+            &so,
+        );
         assert!(out.contains("quantized 14 layers"), "{out}");
         let expected = reference.get_or_insert_with(|| {
             let g = load_model(&onnx).unwrap().graph;
@@ -98,18 +94,7 @@ fn emitted_onnx_runs_in_onnxruntime_and_matches_the_artifact() {
     let m = model_dir("tiny_llama");
     let dir = tempfile::tempdir().unwrap();
     let (onnx, so) = (dir.path().join("q.onnx"), dir.path().join("q.so"));
-    compile_ok(&[
-        "compile",
-        m.join("model.onnx").to_str().unwrap(),
-        "--target",
-        "x86_64",
-        "--quantize",
-        "q4",
-        "--emit-onnx",
-        onnx.to_str().unwrap(),
-        "-o",
-        so.to_str().unwrap(),
-    ]);
+    compile_q4(&m, "x86_64", &["--emit-onnx", onnx.to_str().unwrap()], &so);
     let inputs_dir = m.join("test_data_set_0");
     let ort_out = dir.path().join("ort");
     let st = Command::new(cache_dir().join("venv/bin/python"))
@@ -153,16 +138,7 @@ fn smollm2_int4_keeps_embedding_and_tied_head_in_f16_at_the_expected_size() {
     let m = model_dir("smollm2_135m");
     let dir = tempfile::tempdir().unwrap();
     let x86 = dir.path().join("q4_x86.so");
-    let out = compile_ok(&[
-        "compile",
-        m.join("model.onnx").to_str().unwrap(),
-        "--target",
-        "x86_64",
-        "--quantize",
-        "q4",
-        "-o",
-        x86.to_str().unwrap(),
-    ]);
+    let out = compile_q4(&m, "x86_64", &[], &x86);
     assert!(out.contains("embedding table"), "{out}");
     assert!(out.contains("tied LM head"), "{out}");
     assert!(out.contains("quantized 210 layers"), "{out}");
@@ -176,16 +152,7 @@ fn smollm2_int4_keeps_embedding_and_tied_head_in_f16_at_the_expected_size() {
     );
     // The same model for aarch64 under qemu gives the x86_64 artifact's logits.
     let arm = dir.path().join("q4_arm.so");
-    compile_ok(&[
-        "compile",
-        m.join("model.onnx").to_str().unwrap(),
-        "--target",
-        "aarch64-neon",
-        "--quantize",
-        "q4",
-        "-o",
-        arm.to_str().unwrap(),
-    ]);
+    compile_q4(&m, "aarch64-neon", &[], &arm);
     let inputs = read_set(&m.join("test_data_set_0"), "input");
     let x86_out = run_native(&x86, &inputs, 2);
     let arm_out = qemu_outputs(&arm, "cortex-a72", &inputs, &x86_out);
@@ -227,16 +194,7 @@ fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let so = dir.path().join("q4.so");
-    compile_ok(&[
-        "compile",
-        m.join("model.onnx").to_str().unwrap(),
-        "--target",
-        "x86_64",
-        "--quantize",
-        "q4",
-        "-o",
-        so.to_str().unwrap(),
-    ]);
+    compile_q4(&m, "x86_64", &[], &so);
     let tokens = repo_root().join("tests/data/lee_background.smollm2.i32");
     let r = kiln(&[
         "eval",
@@ -290,26 +248,23 @@ fn awq_with_token_calibration_compiles_and_matches_its_graph() {
     let tok = dir.path().join("tokens.i32");
     std::fs::write(&tok, tokens).unwrap();
     let (onnx, so) = (dir.path().join("awq.onnx"), dir.path().join("awq.so"));
-    let out = compile_ok(&[
-        "compile",
-        m.join("model.onnx").to_str().unwrap(),
-        "--target",
+    let out = compile_q4(
+        &m,
         "x86_64",
-        "--quantize",
-        "q4",
-        "--group-size",
-        "32",
-        "--method",
-        "awq",
-        "--calibration",
-        tok.to_str().unwrap(),
-        "--calibration-samples",
-        "4",
-        "--emit-onnx",
-        onnx.to_str().unwrap(),
-        "-o",
-        so.to_str().unwrap(),
-    ]);
+        &[
+            "--group-size",
+            "32",
+            "--method",
+            "awq",
+            "--calibration",
+            tok.to_str().unwrap(),
+            "--calibration-samples",
+            "4",
+            "--emit-onnx",
+            onnx.to_str().unwrap(),
+        ],
+        &so,
+    );
     assert!(out.contains("AWQ: 4 samples"), "{out}");
     let inputs = read_set(&m.join("test_data_set_0"), "input");
     let expected = interp::run(&load_model(&onnx).unwrap().graph, &inputs).unwrap();

@@ -324,30 +324,6 @@ mod host {
         std::fs::write(&so, &compiled.bytes).map_err(|e| fail(e.to_string()))?;
         let model = kiln_runtime::Model::load(&so).map_err(|e| fail(format!("load: {e}")))?;
         let mut session = kiln_runtime::Session::new(&model, 1).map_err(|e| fail(e.to_string()))?;
-        let ins: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
-        let mut outs: Vec<Vec<u8>> = model
-            .outputs()
-            .iter()
-            .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
-            .collect();
-        {
-            let i: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
-            let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-            session
-                .run(&i, &mut o)
-                .map_err(|e| fail(format!("run: {e}")))?;
-        }
-        model
-            .outputs()
-            .iter()
-            .zip(&outs)
-            .map(|(info, b)| {
-                let dt = kiln_compiler::DType::from_onnx(info.dtype)
-                    .ok_or_else(|| fail(format!("output dtype {}", info.dtype)))?;
-                let shape = info.dims.iter().map(|&d| d as usize).collect();
-                Tensor::from_le_bytes(dt, shape, b)
-                    .ok_or_else(|| fail("output size mismatch".into()))
-            })
-            .collect()
+        crate::cli::run::run_session(&mut session, &inputs).map_err(|e| fail(format!("run: {e:#}")))
     }
 }

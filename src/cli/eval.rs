@@ -82,35 +82,23 @@ impl Runner {
         }
     }
 
-    fn run(&self, inputs: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        match self {
-            Runner::Interp(g) => Ok(interp::run(g, inputs)?),
-            Runner::Artifact(m) => {
-                let bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
-                let mut outs: Vec<Vec<u8>> = m
-                    .outputs()
-                    .iter()
-                    .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
-                    .collect();
-                let mut session = kiln_runtime::Session::new(m, threads)?;
-                {
-                    let ins: Vec<&[u8]> = bytes.iter().map(|v| v.as_slice()).collect();
-                    let mut o: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                    session.run(&ins, &mut o)?;
-                }
-                m.outputs()
-                    .iter()
-                    .zip(outs)
-                    .map(|(info, b)| {
-                        let dtype = DType::from_onnx(info.dtype).with_context(|| {
-                            format!("output '{}' has an unsupported dtype", info.name)
-                        })?;
-                        let shape = info.dims.iter().map(|&d| d as usize).collect();
-                        Tensor::from_le_bytes(dtype, shape, &b)
-                            .context("output size does not match its type")
-                    })
-                    .collect()
-            }
+    /// A runtime session for an artifact (created once, reused for every run), or `None`.
+    fn session(&self, threads: usize) -> Result<Option<kiln_runtime::Session<'_>>> {
+        Ok(match self {
+            Runner::Interp(_) => None,
+            Runner::Artifact(m) => Some(kiln_runtime::Session::new(m, threads)?),
+        })
+    }
+
+    fn run(
+        &self,
+        session: Option<&mut kiln_runtime::Session<'_>>,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        match (self, session) {
+            (Runner::Interp(g), _) => Ok(interp::run(g, inputs)?),
+            (Runner::Artifact(_), Some(s)) => super::run::run_session(s, inputs),
+            (Runner::Artifact(_), None) => bail!("an artifact runs in a session"),
         }
     }
 }
@@ -181,16 +169,19 @@ fn perplexity(runner: &Runner, tokens_path: &Path, args: &Args) -> Result<ExitCo
     }
     bar.set_message("windows");
     let mut total = 0f64;
+    let mut session = runner.session(args.threads)?;
     for i in 0..args.windows {
         let ids = &tokens[i * w..(i + 1) * w];
-        let outs = runner.run(&[token_tensor(ids, dtype)], args.threads)?;
+        let outs = runner.run(session.as_mut(), &[token_tensor(ids, dtype)])?;
         let logits = outs.first().context("the model has no output")?;
         let vocab = match logits.shape.as_slice() {
             [1, n, v] if *n == w => *v,
             s => bail!("the first output must be logits [1, {w}, V], got {s:?}"),
         };
-        let vals: Vec<f32> = logits.to_f64_vec().iter().map(|&x| x as f32).collect();
-        let nll = window_nll(&vals, vocab, &ids[1..])?;
+        let vals = logits
+            .as_slice::<f32>()
+            .context("the logits must be float32")?;
+        let nll = window_nll(vals, vocab, &ids[1..])?;
         bar.suspend(|| println!("window {i}: nll {nll:.4}"));
         total += nll;
         bar.inc(1);
@@ -216,7 +207,8 @@ fn compare(runner: &Runner, reference: &Path, args: &Args) -> Result<ExitCode> {
     let rg = &reference_model.graph;
     let inputs = super::run::read_inputs(rg, Some(dir), &[])?;
     let expected = interp::run(rg, &inputs)?;
-    let got = runner.run(&inputs, args.threads)?;
+    let mut session = runner.session(args.threads)?;
+    let got = runner.run(session.as_mut(), &inputs)?;
     if got.len() != expected.len() {
         bail!(
             "the model has {} outputs, the reference {}",

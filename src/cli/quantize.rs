@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_compiler::ir::{Graph, Op, ValueDef};
 use kiln_compiler::{DType, Tensor};
 use kiln_passes::quantize::{
-    awq, plan_quantization, ExcludeLayers, ExclusionOptions, Glob, LayerQuantization,
-    QuantizeOptions, QuantizeWeights,
+    awq, plan_quantization, weight_columns, ExcludeLayers, ExclusionOptions, Glob,
+    LayerQuantization, QuantizeOptions, QuantizeWeights,
 };
 use kiln_passes::Pass;
 use std::collections::HashMap;
@@ -143,31 +143,9 @@ fn awq_scales(
         let Some(act) = stats.get(&n.name) else {
             continue;
         };
-        let Some(w) = n.inputs.get(1).copied().flatten() else {
+        let Some((cols, k, nn)) = weight_columns(g, n) else {
             continue;
         };
-        let Some(c) = g.constant(w) else { continue };
-        let trans_b = matches!(n.op, Op::Gemm { trans_b: true, .. });
-        let vals: Vec<f32> = c
-            .bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let (k, nn) = if trans_b {
-            (c.shape[1], c.shape[0])
-        } else {
-            (c.shape[0], c.shape[1])
-        };
-        let mut cols = vec![0f32; k * nn];
-        for r in 0..k {
-            for j in 0..nn {
-                cols[j * k + r] = if trans_b {
-                    vals[j * k + r]
-                } else {
-                    vals[r * nn + j]
-                };
-            }
-        }
         let bits = if *precision == kiln_passes::quantize::Precision::Int4 {
             4
         } else {

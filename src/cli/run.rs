@@ -106,33 +106,15 @@ fn run_artifact(
                 t.shape
             );
         }
-        inputs.push(t.to_le_bytes());
+        inputs.push(t);
     }
-    let mut outputs: Vec<Vec<u8>> = model
-        .outputs()
-        .iter()
-        .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
-        .collect();
     let mut session = kiln_runtime::Session::new(&model, 0)?;
-    {
-        let ins: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let mut outs: Vec<&mut [u8]> = outputs.iter_mut().map(|v| v.as_mut_slice()).collect();
-        session.run(&ins, &mut outs)?;
-    }
+    let outputs = run_session(&mut session, &inputs)?;
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create {}", output_dir.display()))?;
-    for (k, (info, bytes)) in model.outputs().iter().zip(&outputs).enumerate() {
-        let dtype = kiln_compiler::DType::from_onnx(info.dtype).with_context(|| {
-            format!(
-                "output '{}' has unsupported dtype {}",
-                info.name, info.dtype
-            )
-        })?;
-        let shape: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
-        let t = Tensor::from_le_bytes(dtype, shape, bytes)
-            .context("output size does not match its type")?;
+    for (k, (info, t)) in model.outputs().iter().zip(&outputs).enumerate() {
         let path = output_dir.join(format!("output_{k}.pb"));
-        tensor_proto::write_tensor_file(&path, &info.name, &t)?;
+        tensor_proto::write_tensor_file(&path, &info.name, t)?;
         println!(
             "{} {}{:?} -> {}",
             info.name,
@@ -142,4 +124,36 @@ fn run_artifact(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a session on host tensors (already checked against the artifact's inputs) and decodes
+/// its outputs.
+pub fn run_session(session: &mut kiln_runtime::Session, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let model = session.model();
+    let bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.to_le_bytes()).collect();
+    let mut outputs: Vec<Vec<u8>> = model
+        .outputs()
+        .iter()
+        .map(|o| vec![0u8; o.byte_size().unwrap_or(0)])
+        .collect();
+    {
+        let ins: Vec<&[u8]> = bytes.iter().map(|v| v.as_slice()).collect();
+        let mut outs: Vec<&mut [u8]> = outputs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        session.run(&ins, &mut outs)?;
+    }
+    model
+        .outputs()
+        .iter()
+        .zip(&outputs)
+        .map(|(info, b)| {
+            let dtype = kiln_compiler::DType::from_onnx(info.dtype).with_context(|| {
+                format!(
+                    "output '{}' has unsupported dtype {}",
+                    info.name, info.dtype
+                )
+            })?;
+            let shape = info.dims.iter().map(|&d| d as usize).collect();
+            Tensor::from_le_bytes(dtype, shape, b).context("output size does not match its type")
+        })
+        .collect()
 }

@@ -162,6 +162,19 @@ pub fn relu_model() -> proto::ModelProto {
 
 // ---- running artifacts natively and under qemu-aarch64
 
+/// The tensors `{prefix}_0.pb`, `{prefix}_1.pb`, ... of a test-data folder.
+pub fn read_set(dir: &Path, prefix: &str) -> Vec<Tensor> {
+    (0..)
+        .map(|k| dir.join(format!("{prefix}_{k}.pb")))
+        .take_while(|p| p.exists())
+        .map(|p| {
+            kiln_compiler::onnx::tensor_proto::read_tensor_file(&p)
+                .unwrap()
+                .1
+        })
+        .collect()
+}
+
 pub fn run_native(so: &Path, inputs: &[Tensor], threads: usize) -> Vec<Tensor> {
     let model = kiln_runtime::Model::load(so).unwrap();
     let mut session = kiln_runtime::Session::new(&model, threads).unwrap();

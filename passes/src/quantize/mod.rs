@@ -215,6 +215,16 @@ fn lm_heads(g: &Graph) -> Vec<NodeId> {
     heads
 }
 
+/// Whether a product weight `w` (read as B, or as B^T with `trans_b`) is the embedding
+/// `table` ([N, K]): the tied LM head.
+fn ties_to(w: &Constant, trans_b: bool, table: &Constant) -> bool {
+    if trans_b {
+        w.shape == table.shape && w.bytes == table.bytes
+    } else {
+        is_transpose_of(w, table)
+    }
+}
+
 /// Whether `w` ([K, N]) is the transpose of `table` ([N, K]).
 fn is_transpose_of(w: &Constant, table: &Constant) -> bool {
     if w.shape.len() != 2 || table.shape.len() != 2 || w.shape[0] != table.shape[1] {
@@ -262,13 +272,7 @@ pub fn find_exclusions(g: &Graph, o: &ExclusionOptions) -> Vec<Exclusion> {
             let wc = g.constant(w).expect("product weight is constant");
             let tied = embeds.iter().any(|&e| {
                 let table = g.nodes[e].inputs[0].and_then(|t| g.constant(t));
-                table.is_some_and(|t| {
-                    if trans_b {
-                        t.bytes == wc.bytes && t.shape == wc.shape
-                    } else {
-                        is_transpose_of(wc, t)
-                    }
-                })
+                table.is_some_and(|t| ties_to(wc, trans_b, t))
             });
             out.insert(
                 id,
@@ -335,6 +339,27 @@ fn f16_constant(values: impl Iterator<Item = f32>, shape: Vec<usize>) -> (Consta
     )
 }
 
+/// The weight of a matrix product as MatMulNBits stores it, column by column (column `j`'s K
+/// weights contiguous): `(columns, K, N)`. `None` when the product has no constant 2-D f32
+/// weight.
+pub fn weight_columns(g: &Graph, n: &Node) -> Option<(Vec<f32>, usize, usize)> {
+    let (w, trans_b) = product_weight(g, n)?;
+    let c = g.constant(w)?;
+    let vals = f32_values(c);
+    if trans_b {
+        // B^T is stored [N, K]: already column by column.
+        return Some((vals, c.shape[1], c.shape[0]));
+    }
+    let (k, nn) = (c.shape[0], c.shape[1]);
+    let mut cols = vec![0f32; k * nn];
+    for r in 0..k {
+        for j in 0..nn {
+            cols[j * k + r] = vals[r * nn + j];
+        }
+    }
+    Some((cols, k, nn))
+}
+
 fn f32_values(c: &Constant) -> Vec<f32> {
     c.bytes
         .chunks_exact(4)
@@ -342,13 +367,8 @@ fn f32_values(c: &Constant) -> Vec<f32> {
         .collect()
 }
 
-/// Adds `out = Cast<f32>(src)` and returns `out`.
-fn add_widen(g: &mut Graph, name: &str, src: ValueId, shape: &[usize]) -> ValueId {
-    let out = g.add_value(
-        format!("{name}_f32"),
-        ValueType::fixed(DType::F32, shape),
-        ValueDef::Undefined,
-    );
+/// Adds the node `out = Cast<f32>(src)`, named `{name}_widen`.
+fn add_cast_to_f32(g: &mut Graph, name: &str, src: ValueId, out: ValueId) {
     g.add_node(Node {
         name: format!("{name}_widen"),
         op: Op::Cast {
@@ -358,6 +378,16 @@ fn add_widen(g: &mut Graph, name: &str, src: ValueId, shape: &[usize]) -> ValueI
         inputs: vec![Some(src)],
         outputs: vec![out],
     });
+}
+
+/// Adds `Cast<f32>(src)` into a new value and returns it.
+fn add_widen(g: &mut Graph, name: &str, src: ValueId, shape: &[usize]) -> ValueId {
+    let out = g.add_value(
+        format!("{name}_f32"),
+        ValueType::fixed(DType::F32, shape),
+        ValueDef::Undefined,
+    );
+    add_cast_to_f32(g, name, src, out);
     out
 }
 
@@ -413,12 +443,7 @@ impl Pass for ExcludeLayers {
                     let head = tied.iter().find(|t| {
                         let h = ids[&t.node];
                         product_weight(g, &g.nodes[h]).is_some_and(|(w, trans_b)| {
-                            let wc = g.constant(w).expect("constant");
-                            if trans_b {
-                                wc.bytes == c.bytes
-                            } else {
-                                is_transpose_of(wc, &c)
-                            }
+                            ties_to(g.constant(w).expect("constant"), trans_b, &c)
                         })
                     });
                     let (rows, cols) = (c.shape[0], c.shape[1]);
@@ -478,15 +503,7 @@ impl Pass for ExcludeLayers {
                                 inputs: vec![Some(gathered)],
                                 outputs: vec![moved],
                             });
-                            g.add_node(Node {
-                                name: format!("{name}_widen"),
-                                op: Op::Cast {
-                                    to: DType::F32,
-                                    saturate: true,
-                                },
-                                inputs: vec![Some(moved)],
-                                outputs: vec![gather_out],
-                            });
+                            add_cast_to_f32(g, &name, moved, gather_out);
                             report.notes.push(format!(
                                 "kept {} ({}) in f16: {why}; shared transposed with {} ({})",
                                 e.node,
@@ -511,15 +528,7 @@ impl Pass for ExcludeLayers {
                                 inputs: vec![Some(t16), Some(ids_v)],
                                 outputs: vec![half_out],
                             });
-                            g.add_node(Node {
-                                name: format!("{name}_widen"),
-                                op: Op::Cast {
-                                    to: DType::F32,
-                                    saturate: true,
-                                },
-                                inputs: vec![Some(half_out)],
-                                outputs: vec![gather_out],
-                            });
+                            add_cast_to_f32(g, &name, half_out, gather_out);
                             report
                                 .notes
                                 .push(format!("kept {} ({}) in f16: {why}", e.node, e.weight));
@@ -686,26 +695,9 @@ impl QuantizeWeights {
         let mut layers = Vec::new();
         for (id, precision) in plan {
             let n = g.nodes[id].clone();
-            let (w, trans_b) = product_weight(g, &n).expect("planned products have weights");
-            let c = g.constant(w).expect("constant").clone();
+            let (w, _) = product_weight(g, &n).expect("planned products have weights");
             let wname = g.value(w).name.clone();
-            let vals = f32_values(&c);
-            let (k, nn) = if trans_b {
-                (c.shape[1], c.shape[0])
-            } else {
-                (c.shape[0], c.shape[1])
-            };
-            // Column-major view: column j's K weights contiguous (MatMulNBits' row j).
-            let mut cols = vec![0f32; k * nn];
-            for r in 0..k {
-                for j in 0..nn {
-                    cols[j * k + r] = if trans_b {
-                        vals[j * k + r]
-                    } else {
-                        vals[r * nn + j]
-                    };
-                }
-            }
+            let (mut cols, k, nn) = weight_columns(g, &n).expect("planned products have weights");
             let bits = if precision == Precision::Int4 { 4 } else { 8 };
             let awq = o.awq_scales.get(&n.name);
             if let Some(s) = awq {
@@ -723,8 +715,7 @@ impl QuantizeWeights {
                 }
             }
             let q = rtn::quantize(&cols, nn, k, o.group_size, bits, o.symmetric);
-            let mut relative_error = q.relative_error(&cols);
-            if let Some(s) = awq {
+            let relative_error = if let Some(s) = awq {
                 // Error of the effective weight W ≈ dequant(Q(W·s)) / s against W.
                 let deq = q.dequantize();
                 let (mut num, mut den) = (0f64, 0f64);
@@ -736,8 +727,14 @@ impl QuantizeWeights {
                         den += orig * orig;
                     }
                 }
-                relative_error = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
-            }
+                if den > 0.0 {
+                    (num / den).sqrt()
+                } else {
+                    0.0
+                }
+            } else {
+                q.relative_error(&cols)
+            };
             let a = n.inputs[0].ok_or_else(|| fail(format!("{} has no A", n.name)))?;
             let mut a_in = a;
             if let Some(s) = awq {

@@ -413,13 +413,7 @@ impl<'g> Lowerer<'g> {
                     format!("constant '{}' has unsupported type {}", val.name, c.dtype)
                 })?;
                 // Bool constants are stored one byte per element, as ONNX raw data already is.
-                self.p.buffers.push(Buffer {
-                    name: val.name.clone(),
-                    scalar,
-                    len: c.numel(),
-                    kind: BufKind::Weight(c.bytes.to_vec()),
-                });
-                let b = self.p.buffers.len() - 1;
+                let b = self.weight_buffer(val.name.clone(), scalar, c.numel(), c.bytes.to_vec());
                 self.buf_of.insert(v, b);
                 Ok(b)
             }

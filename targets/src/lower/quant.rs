@@ -100,7 +100,14 @@ impl Lowerer<'_> {
             .ok_or_else(|| format!("{what} must be a compile-time constant"))
     }
 
-    fn weight_buffer(&mut self, name: String, scalar: Scalar, len: usize, bytes: Vec<u8>) -> usize {
+    /// A buffer of constant data in the artifact's read-only segment.
+    pub(super) fn weight_buffer(
+        &mut self,
+        name: String,
+        scalar: Scalar,
+        len: usize,
+        bytes: Vec<u8>,
+    ) -> usize {
         debug_assert_eq!(bytes.len(), len * scalar.bytes());
         self.p.buffers.push(Buffer {
             name,
