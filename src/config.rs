@@ -13,7 +13,8 @@
 //! with a serde visitor that fails exactly at the wanted key or value: serde_yaml_ng stamps
 //! such an error with the position of the YAML node being read.
 
-use kiln_passes::quantize::Precision;
+use kiln_passes::prune::{Amount, Criterion, Norm, PruneOptions, StructureKind};
+use kiln_passes::quantize::{Glob, Precision};
 use kiln_targets::{Isa, Target, Vectors};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -25,12 +26,27 @@ use std::path::{Path, PathBuf};
 /// Sections this version implements, in the order a config usually lists them.
 const SECTIONS: &[&str] = &[
     "model_compilation",
+    "pipeline",
+    "pruning",
     "quantization",
     "kernel_schedule",
     "output",
 ];
 /// Sections of the design that later stages implement; present in a config they are an error.
-const LATER_SECTIONS: &[&str] = &["pruning", "runtime"];
+const LATER_SECTIONS: &[&str] = &["runtime"];
+/// Graph-transforming stages `pipeline` may order; pruning must come before quantization.
+const STAGES: &[&str] = &["pruning", "quantization"];
+const PRUNE_KEYS: &[&str] = &[
+    "method",
+    "criterion",
+    "norm",
+    "ratios",
+    "layers",
+    "keep",
+    "multiple",
+    "calibration",
+    "calibration_samples",
+];
 const QUANT_KEYS: &[&str] = &[
     "mode",
     "group_size",
@@ -196,6 +212,7 @@ fn section_keys(section: &str) -> &'static [&'static str] {
         "model_compilation" => MODEL_KEYS,
         "kernel_schedule" => SCHEDULE_KEYS,
         "quantization" => QUANT_KEYS,
+        "pruning" => PRUNE_KEYS,
         "output" => OUTPUT_KEYS,
         _ => &[],
     }
@@ -326,6 +343,7 @@ pub struct Config {
     /// `output.artifact` as written (relative to the YAML folder, may contain `{target}`).
     pub artifact: Option<String>,
     pub quantization: Option<QuantSettings>,
+    pub pruning: Option<PruneSettings>,
     /// `output.emit_onnx`, resolved against the YAML file's folder.
     pub emit_onnx: Option<PathBuf>,
     /// Which of quantization.symmetric / zero_point were given (they must agree).
@@ -426,6 +444,152 @@ pub fn check_quantization(q: &QuantSettings) -> Result<(), String> {
     Ok(())
 }
 
+/// The `pruning` section (or the `--prune` flags): structured pruning settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneSettings {
+    pub options: PruneOptions,
+    /// Calibration data for the activation criterion (as for quantization).
+    pub calibration: Option<PathBuf>,
+    pub calibration_samples: usize,
+}
+
+/// Calibration samples for activation-aware pruning by default (each one is a full run of the
+/// reference interpreter).
+pub const PRUNE_CALIBRATION_SAMPLES: usize = 16;
+
+impl Default for PruneSettings {
+    fn default() -> Self {
+        PruneSettings {
+            options: PruneOptions::default(),
+            calibration: None,
+            calibration_samples: PRUNE_CALIBRATION_SAMPLES,
+        }
+    }
+}
+
+/// `ffn=0.25,heads=2` (per kind) or `0.25` (every kind): the amounts of `--prune`.
+pub fn parse_prune_spec(spec: &str, options: &mut PruneOptions) -> Result<(), String> {
+    for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        match item.split_once('=') {
+            None => options.all = Some(Amount::parse(item)?),
+            Some((kind, amount)) => {
+                let amount = Amount::parse(amount.trim()).map_err(|e| format!("{kind}: {e}"))?;
+                match kind.trim() {
+                    "all" => options.all = Some(amount),
+                    k => {
+                        let kind = StructureKind::parse(k).ok_or_else(|| {
+                            let kinds: Vec<&str> =
+                                StructureKind::ALL.iter().map(|k| k.key()).collect();
+                            format!(
+                                "unknown structure '{k}'{} (known: all, {})",
+                                suggest(k, &["ffn", "heads", "channels", "all"])
+                                    .map(|s| format!("; did you mean '{s}'?"))
+                                    .unwrap_or_default(),
+                                kinds.join(", ")
+                            )
+                        })?;
+                        options.kinds.insert(kind, amount);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Settings that contradict each other, whatever the model.
+pub fn check_pruning(p: &PruneSettings) -> Result<(), String> {
+    let o = &p.options;
+    if o.all.is_none() && o.kinds.is_empty() && o.layers.is_empty() {
+        return Err("no amount to prune: give ratios (e.g. ffn: 0.25, heads: 2) or layers".into());
+    }
+    if o.multiple == 0 {
+        return Err("multiple must be at least 1".into());
+    }
+    if o.criterion == Criterion::Activation && p.calibration.is_none() {
+        return Err(
+            "criterion activation needs calibration data (a folder of input sets or a token file)"
+                .into(),
+        );
+    }
+    if let Some(c) = &p.calibration {
+        if !c.exists() {
+            return Err(format!("calibration data {} not found", c.display()));
+        }
+    }
+    if p.calibration_samples == 0 {
+        return Err("calibration_samples must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// `pipeline: [pruning, quantization]`: the order of the graph-transforming stages. Pruning
+/// must come first: after rounding, weight magnitudes say little about importance.
+fn check_pipeline(
+    src: &Source,
+    v: &Value,
+    root: &serde_yaml_ng::Mapping,
+) -> Result<(), ConfigError> {
+    let path = [Step::key("pipeline")];
+    let Value::Sequence(items) = v else {
+        return Err(src.value(
+            &path,
+            Problem::WrongType {
+                key: "pipeline".into(),
+                expected: "a list of stages (pruning, quantization)",
+                got: describe(v),
+            },
+        ));
+    };
+    let mut order = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = [Step::key("pipeline"), Step::Index(i)];
+        let name = item.as_str().unwrap_or_default();
+        let Some(&stage) = STAGES.iter().find(|s| **s == name) else {
+            return Err(src.value(
+                &at,
+                Problem::BadValue {
+                    key: "pipeline".into(),
+                    value: name.to_string(),
+                    allowed: STAGES.to_vec(),
+                    suggestion: suggest(name, STAGES),
+                },
+            ));
+        };
+        if order.contains(&stage) {
+            return Err(src.value(
+                &at,
+                Problem::Inconsistent {
+                    key: "pipeline".into(),
+                    reason: format!("'{stage}' is listed twice"),
+                },
+            ));
+        }
+        if !root.contains_key(Value::String(stage.to_string())) {
+            return Err(src.value(
+                &at,
+                Problem::Inconsistent {
+                    key: "pipeline".into(),
+                    reason: format!("'{stage}' is listed but the config has no {stage} section"),
+                },
+            ));
+        }
+        if stage == "pruning" && order.contains(&"quantization") {
+            return Err(src.value(
+                &at,
+                Problem::Inconsistent {
+                    key: "pipeline".into(),
+                    reason: "pruning must run before quantization (weight magnitudes mean little \
+                             after rounding); list pruning first"
+                        .into(),
+                },
+            ));
+        }
+        order.push(stage);
+    }
+    Ok(())
+}
+
 /// What to compile: one model, its dim bindings and schedule settings, one artifact per target.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -434,6 +598,8 @@ pub struct Plan {
     pub schedule: ScheduleOptions,
     pub builds: Vec<Build>,
     pub quantization: Option<QuantSettings>,
+    /// Runs before quantization.
+    pub pruning: Option<PruneSettings>,
     /// Also write the transformed graph as ONNX here.
     pub emit_onnx: Option<PathBuf>,
     /// The config the plan came from, to place errors found later (dims the model lacks).
@@ -454,6 +620,7 @@ impl Plan {
             schedule: ScheduleOptions::default(),
             builds: vec![Build { target, artifact }],
             quantization: None,
+            pruning: None,
             emit_onnx: None,
             source: None,
         }
@@ -525,6 +692,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         schedule: ScheduleOptions::default(),
         artifact: None,
         quantization: None,
+        pruning: None,
         emit_onnx: None,
         quant_keys_seen: Vec::new(),
     };
@@ -564,12 +732,41 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
     }
     for (section, v) in sections {
+        if section == "pipeline" {
+            check_pipeline(&src, v, &root)?;
+            continue;
+        }
         let entries = section_entries(&src, section, v)?;
+        if section == "pruning" {
+            cfg.pruning = Some(PruneSettings::default());
+        }
         if section == "quantization" {
             cfg.quantization = Some(QuantSettings::default());
         }
         for (key, value) in entries {
             cfg.set(section, &key, value)?;
+        }
+    }
+    if let Some(p) = &cfg.pruning {
+        if let Err(reason) = check_pruning(p) {
+            let key = if reason.contains("calibration") && !reason.contains("criterion") {
+                "calibration"
+            } else if reason.contains("criterion") {
+                "criterion"
+            } else {
+                "ratios"
+            };
+            let mut path = vec![Step::key("pruning")];
+            if locate(text, &[Step::key("pruning"), Step::key(key)], Want::Key).is_some() {
+                path.push(Step::key(key));
+            }
+            return Err(src.key(
+                &path,
+                Problem::Inconsistent {
+                    key: format!("pruning.{key}"),
+                    reason,
+                },
+            ));
         }
     }
     if let Some(q) = &cfg.quantization {
@@ -827,6 +1024,7 @@ impl Config {
                 }
                 _ => return Err(wrong("a file path", v)),
             },
+            ("pruning", _) => self.set_pruning(key, v)?,
             ("quantization", _) => {
                 let q = self.quantization.get_or_insert_with(QuantSettings::default);
                 let strings = |v: &Value| -> Option<Vec<String>> {
@@ -965,6 +1163,158 @@ impl Config {
         Ok(())
     }
 
+    /// Stores one key of the `pruning` section.
+    fn set_pruning(&mut self, key: &str, v: &Value) -> Result<(), ConfigError> {
+        let path = vec![Step::key("pruning"), Step::key(key)];
+        let dotted = format!("pruning.{key}");
+        let src = &self.src;
+        let p = self.pruning.get_or_insert_with(PruneSettings::default);
+        let wrong = |expected: &'static str, got: &Value| {
+            src.value(
+                &path,
+                Problem::WrongType {
+                    key: dotted.clone(),
+                    expected,
+                    got: describe(got),
+                },
+            )
+        };
+        let bad_value = |at: &[Step], key: String, value: &str, allowed: &[&'static str]| {
+            src.value(
+                at,
+                Problem::BadValue {
+                    key,
+                    value: value.to_string(),
+                    suggestion: suggest(value, allowed),
+                    allowed: allowed.to_vec(),
+                },
+            )
+        };
+        let amount = |at: &[Step], key: String, v: &Value| -> Result<Amount, ConfigError> {
+            let text = match v {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                _ => String::new(),
+            };
+            Amount::parse(&text).map_err(|reason| {
+                src.value(
+                    at,
+                    Problem::NotSupported {
+                        key: key.clone(),
+                        reason,
+                    },
+                )
+            })
+        };
+        let glob = |at: &[Step], key: String, g: &str| -> Result<Glob, ConfigError> {
+            Glob::new(g).map_err(|reason| src.key(at, Problem::NotSupported { key, reason }))
+        };
+        match key {
+            "method" => match v.as_str() {
+                Some("structured") => {}
+                Some(m @ ("2:4" | "semi-structured")) => {
+                    return Err(src.value(
+                        &path,
+                        Problem::NotSupported {
+                            key: dotted,
+                            reason: format!("'{m}' (2:4 semi-structured sparsity) is not implemented yet; use structured"),
+                        },
+                    ))
+                }
+                Some(m) => return Err(bad_value(&path, dotted, m, &["structured"])),
+                None => return Err(wrong("structured", v)),
+            },
+            "criterion" => {
+                p.options.criterion = match v.as_str() {
+                    Some("magnitude") => Criterion::Magnitude,
+                    Some("activation") => Criterion::Activation,
+                    Some(m) => {
+                        return Err(bad_value(&path, dotted, m, &["magnitude", "activation"]))
+                    }
+                    None => return Err(wrong("magnitude or activation", v)),
+                }
+            }
+            "norm" => {
+                p.options.norm = match v.as_str() {
+                    Some("l1") => Norm::L1,
+                    Some("l2") => Norm::L2,
+                    Some(m) => return Err(bad_value(&path, dotted, m, &["l1", "l2"])),
+                    None => return Err(wrong("l1 or l2", v)),
+                }
+            }
+            "ratios" => {
+                let Value::Mapping(m) = v else {
+                    return Err(wrong("a mapping such as {ffn: 0.25, heads: 2}", v));
+                };
+                for (k, a) in m {
+                    let kind = key_text(k);
+                    let mut at = path.clone();
+                    at.push(Step::key(&kind));
+                    let value = amount(&at, format!("{dotted}.{kind}"), a)?;
+                    if kind == "all" {
+                        p.options.all = Some(value);
+                    } else if let Some(sk) = StructureKind::parse(&kind) {
+                        p.options.kinds.insert(sk, value);
+                    } else {
+                        return Err(src.key(
+                            &at,
+                            Problem::BadValue {
+                                key: dotted.clone(),
+                                suggestion: suggest(&kind, &["all", "ffn", "heads", "channels"]),
+                                value: kind,
+                                allowed: vec!["all", "ffn", "heads", "channels"],
+                            },
+                        ));
+                    }
+                }
+            }
+            "layers" => {
+                let Value::Mapping(m) = v else {
+                    return Err(wrong("a mapping of name globs to amounts", v));
+                };
+                for (k, a) in m {
+                    let g = key_text(k);
+                    let mut at = path.clone();
+                    at.push(Step::key(&g));
+                    let value = amount(&at, format!("{dotted}.{g}"), a)?;
+                    p.options
+                        .layers
+                        .push((glob(&at, format!("{dotted}.{g}"), &g)?, value));
+                }
+            }
+            "keep" => {
+                let list: Vec<String> = match v {
+                    Value::String(s) => vec![s.clone()],
+                    Value::Sequence(items) => items
+                        .iter()
+                        .map(|i| i.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| wrong("a name glob or a list of name globs", v))?,
+                    Value::Null => Vec::new(),
+                    _ => return Err(wrong("a name glob or a list of name globs", v)),
+                };
+                for g in &list {
+                    let g = glob(&path, dotted.clone(), g)?;
+                    p.options.keep.push(g);
+                }
+            }
+            "multiple" => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if n >= 1 => p.options.multiple = n,
+                _ => return Err(wrong("an integer >= 1", v)),
+            },
+            "calibration" => match v {
+                Value::String(s) if !s.is_empty() => p.calibration = Some(self.base_dir.join(s)),
+                _ => return Err(wrong("a folder of input sets or a token file", v)),
+            },
+            "calibration_samples" => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if n >= 1 => p.calibration_samples = n,
+                _ => return Err(wrong("an integer >= 1", v)),
+            },
+            _ => unreachable!("pruning key {key} is in the schema"),
+        }
+        Ok(())
+    }
+
     /// Merges command-line flags (a flag may fill in what the config leaves out; one that
     /// contradicts the config is an error naming both) and checks the settings against each
     /// other: vectorization against every target, one distinct artifact path per target.
@@ -1094,6 +1444,7 @@ impl Config {
             schedule: self.schedule,
             builds,
             quantization: self.quantization.clone(),
+            pruning: self.pruning.clone(),
             emit_onnx: self.emit_onnx.clone(),
             source: Some(self.src.clone()),
         })
@@ -1512,9 +1863,9 @@ mod tests {
             p.to_string().ends_with("it belongs in kernel_schedule"),
             "{p}"
         );
-        let (pos, p) = err("pruning: {}\n");
+        let (pos, p) = err("runtime: {}\n");
         assert_eq!((pos.line, pos.column), (1, 1));
-        assert_eq!(p, Problem::SectionNotSupportedYet("pruning".into()));
+        assert_eq!(p, Problem::SectionNotSupportedYet("runtime".into()));
         let (pos, p) = err("a: [1\nb: 2\n");
         assert_eq!((pos.line, pos.column), (2, 2));
         assert!(matches!(p, Problem::Syntax(_)));

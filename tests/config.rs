@@ -62,6 +62,10 @@ fn examples_compile_and_produce_artifacts() {
                 ("out/tiny_llama-int4-aarch64-neon.so", 183),
             ],
         ),
+        (
+            "tiny_llama_prune_int4.yaml",
+            &[("out/tiny_llama-pruned-int4-x86_64.so", 62)],
+        ),
     ];
     for (example, artifacts) in cases {
         let dir = workdir();
@@ -338,10 +342,10 @@ fn bad_configs_are_one_line_errors_with_positions() {
         Bad {
             name: "section of a later stage",
             yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
-                   pruning:\n  ffn: 0.25\noutput:\n  artifact: out/m.so\n",
+                   runtime:\n  max_batch_size: 1\noutput:\n  artifact: out/m.so\n",
             args: &[],
             at: "4:1",
-            text: "section 'pruning' is not supported yet",
+            text: "section 'runtime' is not supported yet",
         },
         Bad {
             name: "typo in a quantization key",
@@ -382,6 +386,71 @@ fn bad_configs_are_one_line_errors_with_positions() {
             args: &[],
             at: "5:3",
             text: "group size 48 is not supported",
+        },
+        Bad {
+            name: "typo in a pruning key",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  ratios: {ffn: 0.25}\n  critrion: magnitude\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "unknown key 'critrion' in pruning; did you mean 'criterion'?",
+        },
+        Bad {
+            name: "unknown structure kind",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  ratios: {fnn: 0.25}\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "5:12",
+            text: "pruning.ratios: 'fnn' is not one of all, ffn, heads, channels; did you mean 'ffn'?",
+        },
+        Bad {
+            name: "pruning ratio out of range",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  ratios:\n    ffn: 1.5\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:10",
+            text: "pruning.ratios.ffn: '1.5' is neither a fraction in [0, 1) nor a whole number of units",
+        },
+        Bad {
+            name: "activation criterion without calibration",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  ratios: {ffn: 0.25}\n  criterion: activation\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "pruning.criterion: criterion activation needs calibration data",
+        },
+        Bad {
+            name: "pruning without an amount",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  criterion: magnitude\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "4:1",
+            text: "pruning.ratios: no amount to prune",
+        },
+        Bad {
+            name: "2:4 sparsity not implemented",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pruning:\n  method: \"2:4\"\n  ratios: {ffn: 0.25}\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "5:11",
+            text: "not implemented yet; use structured",
+        },
+        Bad {
+            name: "quantization ordered before pruning",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pipeline: [quantization, pruning]\n\
+                   pruning:\n  ratios: {ffn: 0.25}\nquantization:\n  mode: q4\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "4:26",
+            text: "pipeline: pruning must run before quantization",
+        },
+        Bad {
+            name: "pipeline stage without its section",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   pipeline: [pruning]\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "4:12",
+            text: "'pruning' is listed but the config has no pruning section",
         },
         Bad {
             name: "key of a later stage",

@@ -3,10 +3,14 @@
 //! verifier after each one, naming the pass that broke an invariant. Passes take typed
 //! options; only the root package knows YAML and the command line.
 
+mod batchnorm;
 mod cleanup;
+pub mod prune;
 pub mod quantize;
 
+pub use batchnorm::FoldBatchNorm;
 pub use cleanup::{DeadCodeElimination, EliminateIdentity};
+pub use prune::Prune;
 pub use quantize::{ExcludeLayers, QuantizeWeights};
 
 use kiln_compiler::ir::verify::{verify, VerifyError};

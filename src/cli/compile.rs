@@ -1,4 +1,5 @@
-//! `kiln compile`: ONNX model -> shape inference and constant folding -> graph passes ->
+//! `kiln compile`: ONNX model -> shape inference and constant folding -> graph passes
+//! (pruning, then quantization) ->
 //! lowering, memory planning, code generation -> one self-contained `.so` per target, with a
 //! short report. The settings come from flags (`MODEL --target T -o OUT`) or from a YAML
 //! config (`--config FILE.yaml`, see `crate::config`), which may name several targets; the
@@ -7,7 +8,9 @@
 use crate::config::{self, Flags, Plan, ScheduleOptions, Vectorization};
 use anyhow::{bail, Context, Result};
 use kiln_compiler::{ir, onnx, shape};
-use kiln_passes::{DeadCodeElimination, EliminateIdentity, Pipeline};
+use kiln_passes::prune::{Criterion, Norm};
+use kiln_passes::quantize::Glob;
+use kiln_passes::{DeadCodeElimination, EliminateIdentity, FoldBatchNorm, Pipeline};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -50,19 +53,92 @@ pub struct Args {
     /// Calibration samples (input sets or token windows) to use.
     #[arg(long, value_name = "N")]
     pub calibration_samples: Option<usize>,
+    /// Structured pruning before quantization: `ffn=0.25,heads=2,channels=0.5` (per structure
+    /// kind; a fraction of the units or a whole number of them) or `0.25` (every kind).
+    #[arg(long, value_name = "SPEC")]
+    pub prune: Option<String>,
+    /// How pruning ranks units: weight magnitude, or activation-aware (needs --calibration).
+    #[arg(long, value_enum)]
+    pub criterion: Option<PruneCriterion>,
+    /// Norm of weight magnitudes for pruning.
+    #[arg(long, value_enum)]
+    pub norm: Option<PruneNorm>,
+    /// Never prune structures matching this name glob (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub keep: Vec<String>,
+    /// Round the width left by pruning to a multiple of N channels (default 8).
+    #[arg(long, value_name = "N")]
+    pub multiple: Option<usize>,
     /// Also write the transformed graph (quantized, pruned) as standard ONNX.
     #[arg(long, value_name = "FILE.onnx")]
     pub emit_onnx: Option<PathBuf>,
 }
 
+/// `--criterion`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PruneCriterion {
+    Magnitude,
+    Activation,
+}
+
+/// `--norm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PruneNorm {
+    L1,
+    L2,
+}
+
 impl Args {
+    /// The pruning settings the flags ask for, if any.
+    fn pruning(&self) -> Result<Option<config::PruneSettings>> {
+        let extra = self.criterion.is_some()
+            || self.norm.is_some()
+            || !self.keep.is_empty()
+            || self.multiple.is_some();
+        let Some(spec) = &self.prune else {
+            if extra {
+                bail!("--criterion, --norm, --keep and --multiple need --prune SPEC");
+            }
+            return Ok(None);
+        };
+        let mut p = config::PruneSettings::default();
+        config::parse_prune_spec(spec, &mut p.options)
+            .map_err(|e| anyhow::anyhow!("--prune {spec}: {e}"))?;
+        if let Some(c) = self.criterion {
+            p.options.criterion = match c {
+                PruneCriterion::Magnitude => Criterion::Magnitude,
+                PruneCriterion::Activation => Criterion::Activation,
+            };
+        }
+        if let Some(n) = self.norm {
+            p.options.norm = match n {
+                PruneNorm::L1 => Norm::L1,
+                PruneNorm::L2 => Norm::L2,
+            };
+        }
+        for k in &self.keep {
+            p.options
+                .keep
+                .push(Glob::new(k).map_err(|e| anyhow::anyhow!("--keep: {e}"))?);
+        }
+        if let Some(m) = self.multiple {
+            p.options.multiple = m;
+        }
+        p.calibration = self.calibration.clone();
+        if let Some(n) = self.calibration_samples {
+            p.calibration_samples = n;
+        }
+        config::check_pruning(&p).map_err(|e| anyhow::anyhow!("--prune: {e}"))?;
+        Ok(Some(p))
+    }
+
     /// The quantization settings the flags ask for, if any.
     fn quantization(&self) -> Result<Option<config::QuantSettings>> {
         let extra = self.group_size.is_some()
             || self.symmetric
             || self.method.is_some()
-            || self.calibration.is_some()
-            || self.calibration_samples.is_some();
+            || (self.prune.is_none()
+                && (self.calibration.is_some() || self.calibration_samples.is_some()));
         let Some(mode) = &self.quantize else {
             if extra {
                 bail!(
@@ -96,6 +172,7 @@ impl Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let quantization = args.quantization()?;
+    let pruning = args.pruning()?;
     let emit_onnx = args.emit_onnx.clone();
     let target = args.target.as_deref().map(lookup_target).transpose()?;
     let dims = super::parse_dims(&args.dims)?;
@@ -123,6 +200,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bail!("quantization is set both in the config and by --quantize; give it in one place")
         }
         (None, Some(q)) => plan.quantization = Some(q),
+        _ => {}
+    }
+    match (&plan.pruning, pruning) {
+        (Some(_), Some(_)) => {
+            bail!("pruning is set both in the config and by --prune; give it in one place")
+        }
+        (None, Some(p)) => plan.pruning = Some(p),
         _ => {}
     }
     match (&plan.emit_onnx, emit_onnx) {
@@ -164,6 +248,14 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
         .with(EliminateIdentity)
         .with(DeadCodeElimination)
         .run(&mut m.graph)?;
+    if let Some(p) = &plan.pruning {
+        println!("pruning {}:", model.display());
+        super::prune::apply(&mut m.graph, p)?;
+        Pipeline::new()
+            .verify_each(true)
+            .with(DeadCodeElimination)
+            .run(&mut m.graph)?;
+    }
     if let Some(q) = &plan.quantization {
         println!("quantizing {}:", model.display());
         super::quantize::apply(&mut m.graph, q)?;
@@ -191,6 +283,12 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("  wrote {}", path.display());
     }
+    // Lowering details after the user-visible transformations (and the ONNX written above).
+    Pipeline::new()
+        .verify_each(true)
+        .with(FoldBatchNorm)
+        .with(DeadCodeElimination)
+        .run(&mut m.graph)?;
     let front_end = t0.elapsed();
     for build in &plan.builds {
         let t1 = Instant::now();

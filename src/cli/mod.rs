@@ -5,6 +5,7 @@ pub mod compile;
 pub mod conformance;
 pub mod eval;
 pub mod inspect;
+pub mod prune;
 pub mod quantize;
 pub mod run;
 pub mod targets;
