@@ -23,7 +23,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a model's opsets, inputs, outputs, op histogram, parameters and unsupported ops.
+    /// Show a model's opsets, inputs, outputs, op histogram, parameters and unsupported ops;
+    /// or a compiled artifact's target, parameter count, weight bytes, inputs and outputs.
     Inspect {
         model: PathBuf,
         /// Also print the imported graph in Kiln's text form.

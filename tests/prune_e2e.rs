@@ -420,3 +420,108 @@ fn bad_pruning_settings_are_one_line_errors() {
     );
     assert!(report.contains("0 pruned"), "{report}");
 }
+
+/// `kiln inspect` prints the parameter count of an ONNX file and of an artifact: pruning a
+/// quarter of tiny Llama's FFN neurons (2 layers, 352 -> 264, hidden 128) removes
+/// 2 * 88 * 128 * 3 of them, whether the weights are then stored in f32 or INT4 (an INT4
+/// weight counts as one parameter).
+#[test]
+fn inspect_counts_parameters_of_models_and_artifacts() {
+    let model = repo_root().join("examples/tiny_llama/model.onnx");
+    let count = |path: &Path| -> u64 {
+        let r = kiln(&["inspect", path.to_str().unwrap()]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("parameters: "))
+            .unwrap_or_else(|| panic!("no parameter line: {}", r.stdout));
+        line["parameters: ".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .replace(',', "")
+            .parse()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let artifact_count = |args: &[&str]| {
+        let so = dir.path().join("p.so");
+        compile(&model, args, &so);
+        count(&so)
+    };
+    let q4 = ["--quantize", "q4", "--group-size", "32"];
+    // INT4 keeps the tied table once: the artifact counts what the ONNX file counts.
+    assert_eq!(artifact_count(&q4), count(&model));
+    let pruned_q4 = artifact_count(&["--prune", "ffn=0.25", q4[0], q4[1], q4[2], q4[3]]);
+    assert_eq!(count(&model) - pruned_q4, 2 * 88 * 128 * 3);
+    // f32 stores the head's transposed table besides the embedding; the difference holds.
+    let f32_full = artifact_count(&[]);
+    assert_eq!(
+        f32_full - artifact_count(&["--prune", "ffn=0.25"]),
+        2 * 88 * 128 * 3
+    );
+    let r = kiln(&["inspect", repo_root().join("README.md").to_str().unwrap()]);
+    assert_eq!(r.code, Some(1));
+}
+
+/// The last line of `kiln eval SO --perplexity TOKENS --window 128 --windows N`.
+fn perplexity(so: &Path, windows: usize) -> f64 {
+    let tokens = repo_root().join("tests/data/lee_background.smollm2.i32");
+    let n = windows.to_string();
+    let r = kiln(&[
+        "eval",
+        so.to_str().unwrap(),
+        "--perplexity",
+        tokens.to_str().unwrap(),
+        "--window",
+        "128",
+        "--windows",
+        &n,
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let last = r.stdout.lines().last().unwrap_or_default();
+    last.strip_prefix("perplexity: ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad last line: {last}"))
+}
+
+/// Activation-aware pruning (row norms of the down projection times the calibration norms
+/// of the neurons that meet them) keeps a SmolLM2 with a quarter of its FFN neurons far more
+/// usable than weight magnitude alone. Calibration windows come from the end of the token file,
+/// the evaluated ones from its start.
+#[test]
+fn activation_aware_ffn_pruning_beats_magnitude_on_smollm2_perplexity() {
+    let m = model_dir("smollm2_135m_seq128").join("model.onnx");
+    let tokens = repo_root().join("tests/data/lee_background.smollm2.i32");
+    let dir = tempfile::tempdir().unwrap();
+    let mag = dir.path().join("mag.so");
+    compile(&m, &["--prune", "ffn=0.25"], &mag);
+    let ppl_mag = perplexity(&mag, 3);
+    let act = dir.path().join("act.so");
+    let report = compile(
+        &m,
+        &[
+            "--prune",
+            "ffn=0.25",
+            "--criterion",
+            "activation",
+            "--calibration",
+            tokens.to_str().unwrap(),
+            "--calibration-samples",
+            "8",
+        ],
+        &act,
+    );
+    assert!(report.contains("calibration: 8 samples"), "{report}");
+    let ppl_act = perplexity(&act, 3);
+    eprintln!(
+        "SmolLM2 ffn=0.25 perplexity on 3 windows: magnitude {ppl_mag:.1}, activation {ppl_act:.1}"
+    );
+    assert!(
+        ppl_act < ppl_mag,
+        "activation {ppl_act} vs magnitude {ppl_mag}"
+    );
+}

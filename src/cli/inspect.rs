@@ -1,6 +1,7 @@
 //! `kiln inspect`: a human-readable summary of an ONNX model (works on models Kiln cannot
 //! import, listing every unsupported operator), optionally the imported graph and the
-//! inferred static shapes.
+//! inferred static shapes; or of a compiled artifact (target, parameter count, weight bytes,
+//! inputs and outputs, read from its `kiln_model_info` symbol).
 
 use anyhow::{Context, Result};
 use kiln_compiler::{ir, onnx, shape};
@@ -35,6 +36,14 @@ pub fn thousands(n: u64) -> String {
 }
 
 pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Result<ExitCode> {
+    let mut magic = [0u8; 4];
+    let is_elf = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF";
+    if is_elf {
+        return inspect_artifact(path);
+    }
     let s = onnx::summarize(path).with_context(|| format!("{}", path.display()))?;
     println!("model: {}", path.display());
     let opsets: Vec<String> = s
@@ -95,6 +104,53 @@ pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Resu
             ir::verify::verify(&model.graph)?;
         }
         print!("{}", ir::printer::print_graph(&model.graph));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Summarizes a compiled artifact from its `kiln_model_info` symbol.
+fn inspect_artifact(path: &Path) -> Result<ExitCode> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable ELF file: {e}", path.display()))?;
+    let sym = file
+        .symbols()
+        .find(|s| s.name() == Ok(kiln_targets::MODEL_INFO_SYMBOL))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no {} symbol (not a Kiln artifact, or one from an older Kiln)",
+                path.display(),
+                kiln_targets::MODEL_INFO_SYMBOL
+            )
+        })?;
+    let text = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .and_then(|sec| {
+            let data = sec.data().ok()?;
+            let start = usize::try_from(sym.address().checked_sub(sec.address())?).ok()?;
+            let end = start.checked_add(usize::try_from(sym.size()).ok()?)?;
+            std::str::from_utf8(data.get(start..end)?).ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("{}: unreadable model info", path.display()))?;
+    println!("artifact: {} ({} bytes)", path.display(), bytes.len());
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("parameters" | "weight_bytes", n)) => {
+                let key = line.split(' ').next().unwrap_or_default();
+                let n: u64 = n.parse().unwrap_or_default();
+                let label = if key == "parameters" {
+                    format!("parameters: {}", thousands(n))
+                } else {
+                    format!("weights: {} ({})", thousands(n), human_bytes(n))
+                };
+                println!("{label}");
+            }
+            Some(("kiln_model_info", _)) => {}
+            Some((k, v)) => println!("{k}: {v}"),
+            None => {}
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

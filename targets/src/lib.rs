@@ -159,14 +159,44 @@ pub fn compile(
         schedule::schedule(&mut step.kernel, &options.schedule);
     }
     let mem = plan::plan(&program);
-    let (spec, stats) =
+    let (mut spec, stats) =
         codegen::generate(target, &program, &mem.offsets, mem.peak, &options.soname)?;
+    spec.rodata.push(artifact::DataBlob {
+        name: MODEL_INFO_SYMBOL.into(),
+        bytes: model_info(graph, target, stats.weight_bytes as u64).into_bytes(),
+        align: 1,
+    });
     let bytes = artifact::write_shared_object(&spec)?;
     Ok(Compiled {
         bytes,
         stats,
         plan: mem,
     })
+}
+
+/// A local (not exported) read-only symbol of every artifact holding [`model_info`] text, for
+/// `kiln inspect`.
+pub const MODEL_INFO_SYMBOL: &str = "kiln_model_info";
+
+/// `key value` lines describing the compiled model: format version, target, logical
+/// parameter count (see `Graph::logical_parameter_count`), weight bytes, inputs and outputs.
+pub fn model_info(graph: &kiln_compiler::Graph, target: &Target, weight_bytes: u64) -> String {
+    let mut s = format!(
+        "kiln_model_info 1\ntarget {}\nparameters {}\nweight_bytes {weight_bytes}\n",
+        target.name,
+        graph.logical_parameter_count()
+    );
+    let ty = |v: &kiln_compiler::ir::ValueId| {
+        let v = graph.value(*v);
+        format!("{} {}", v.name, kiln_compiler::ir::printer::type_str(&v.ty))
+    };
+    for i in &graph.inputs {
+        s.push_str(&format!("input {}\n", ty(i)));
+    }
+    for o in &graph.outputs {
+        s.push_str(&format!("output {}\n", ty(o)));
+    }
+    s
 }
 
 /// Looks a target up by name.

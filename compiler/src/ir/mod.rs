@@ -299,6 +299,31 @@ impl Graph {
         self.nodes.node_count()
     }
 
+    /// The model's parameter count as a user counts it: every constant element in use, except
+    /// that a `MatMulNBits` weight counts its K x N logical weights and its scales and zero
+    /// points (quantization metadata) count nothing.
+    pub fn logical_parameter_count(&self) -> u64 {
+        let mut seen = vec![false; self.values.len()];
+        let mut count = 0u64;
+        for n in self.nodes.node_weights() {
+            for (i, v) in n.inputs.iter().enumerate() {
+                let Some(v) = *v else { continue };
+                let ValueDef::Const(c) = &self.value(v).def else {
+                    continue;
+                };
+                if std::mem::replace(&mut seen[v.0 as usize], true) {
+                    continue;
+                }
+                count += match (&n.op, i) {
+                    (Op::MatMulNBits { k, n, .. }, 1) => (*k * *n) as u64,
+                    (Op::MatMulNBits { .. }, 2 | 3) => 0,
+                    _ => c.numel() as u64,
+                };
+            }
+        }
+        count
+    }
+
     /// Number of constant elements and bytes per dtype, over constants still in use.
     pub fn parameter_stats(&self) -> ParameterStats {
         let mut used = vec![false; self.values.len()];
