@@ -316,3 +316,69 @@ fn bad_quantization_settings_are_one_line_errors() {
         assert!(r.stderr.contains(want), "{extra:?}: {}", r.stderr);
     }
 }
+
+/// A SmolLM2 quantized by onnxruntime's own MatMulNBitsQuantizer (block 128, asymmetric,
+/// every projection) imports with its weights still packed, compiles, and
+/// matches onnxruntime's outputs on it.
+#[test]
+fn smollm2_quantized_by_onnxruntime_imports_packed_and_matches_onnxruntime() {
+    let m = model_dir("smollm2_135m");
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("ort_q4.onnx");
+    let py = cache_dir().join("venv/bin/python");
+    let st = Command::new(&py)
+        .arg(repo_root().join("scripts/ort_quantize.py"))
+        .arg(m.join("model.onnx"))
+        .arg(&q)
+        .arg("128")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "onnxruntime quantizer: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let g = load_model(&q).unwrap().graph;
+    let nbits = g
+        .nodes
+        .node_weights()
+        .filter(|n| n.op.onnx_name() == "MatMulNBits")
+        .count();
+    // The tied LM head reads the embedding through a Transpose: onnxruntime leaves it f32.
+    assert_eq!(nbits, 210, "every projection of the 30 layers");
+    let so = dir.path().join("ort_q4.so");
+    let r = kiln(&[
+        "compile",
+        q.to_str().unwrap(),
+        "--target",
+        "x86_64",
+        "-o",
+        so.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Packed: the weights are far below the 538 MB of f32 (f32 embedding + INT4 rest).
+    let size = std::fs::metadata(&so).unwrap().len();
+    assert!(size < 300_000_000, "artifact {size} bytes");
+    let inputs_dir = m.join("test_data_set_0");
+    let ort_out = dir.path().join("ort");
+    let st = Command::new(&py)
+        .arg(repo_root().join("scripts/ort_run.py"))
+        .arg(&q)
+        .arg(&inputs_dir)
+        .arg(&ort_out)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "onnxruntime could not run the quantized model"
+    );
+    let ort = read_set(&ort_out, "output");
+    let ours = run_native(&so, &read_set(&inputs_dir, "input"), 2);
+    close(
+        "onnxruntime-quantized smollm2: onnxruntime vs artifact",
+        &ort,
+        &ours,
+        1e-2,
+        1e-2,
+    );
+}
