@@ -525,3 +525,47 @@ fn activation_aware_ffn_pruning_beats_magnitude_on_smollm2_perplexity() {
         "activation {ppl_act} vs magnitude {ppl_mag}"
     );
 }
+
+/// A YAML `pruning` section: per-structure amounts by glob override the per-kind ones, the
+/// keep list protects, and the order `pipeline: [pruning, quantization]` is accepted.
+#[test]
+fn yaml_pruning_section_with_layer_globs_and_keep_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo_root().join("examples/tiny_llama/model.onnx");
+    let cfg = dir.path().join("prune.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_compilation:\n  model: {}\n  target_device: x86_64\n\
+             pipeline: [pruning, quantization]\n\
+             pruning:\n  ratios: {{ffn: 0.25, heads: 1}}\n  layers:\n    \"*layers.0.mlp\": 0.5\n  \
+             keep: [\"*layers.1.self_attn*\"]\n  norm: l1\n\
+             quantization:\n  mode: q4\n  group_size: 32\n\
+             output:\n  artifact: {}\n",
+            model.display(),
+            dir.path().join("p.so").display()
+        ),
+    )
+    .unwrap();
+    let r = kiln(&["compile", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let out = &r.stdout;
+    assert!(out.contains("criterion: magnitude (L1)"), "{out}");
+    assert!(
+        out.contains("pruned ffn model.layers.0.mlp: 352 -> 176 neurons"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pruned ffn model.layers.1.mlp: 352 -> 264 neurons"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pruned heads model.layers.0.self_attn: 2 -> 1 KV heads"),
+        "{out}"
+    );
+    assert!(
+        out.contains("left model.layers.1.self_attn: kept by glob '*layers.1.self_attn*'"),
+        "{out}"
+    );
+    assert!(dir.path().join("p.so").is_file());
+}
