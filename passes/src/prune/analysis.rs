@@ -917,8 +917,10 @@ mod tests {
             map_reshape_axis(&[1, 3, 3, 128, 64], 1, &[1, 9, 128, 64]),
             Some(1)
         );
-        // Merging the channels with the rows before them is refused.
-        assert_eq!(map_reshape_axis(&[4, 8, 16], 2, &[32, 16]), None);
+        // Merging the channels with the axes before them is refused; merging those axes
+        // among themselves keeps the channel axis.
+        assert_eq!(map_reshape_axis(&[4, 8, 16], 1, &[32, 16]), None);
+        assert_eq!(map_reshape_axis(&[4, 8, 16], 2, &[32, 16]), Some(1));
         assert_eq!(map_reshape_axis(&[1, 128, 576], 2, &[128, 576]), Some(1));
     }
 
