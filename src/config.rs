@@ -420,28 +420,63 @@ pub fn parse_quant_mode(mode: &str) -> Option<(Precision, Precision)> {
     })
 }
 
-/// Settings that contradict each other, whatever the model.
-pub fn check_quantization(q: &QuantSettings) -> Result<(), String> {
-    if !(q.group_size >= 16 && q.group_size.is_power_of_two()) {
-        return Err(format!(
-            "group size {} is not supported: use a power of two of at least 16 (32, 64 or 128)",
-            q.group_size
-        ));
+/// A setting that contradicts another: the key of its section it is most about, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
     }
-    if q.method == QuantMethod::Awq && q.calibration.is_none() {
-        return Err(
-            "method awq needs calibration data (a folder of input sets or a token file)".into(),
-        );
-    }
-    if let Some(c) = &q.calibration {
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> Result<(), Invalid> {
+    Err(Invalid {
+        key,
+        reason: reason.into(),
+    })
+}
+
+/// Calibration settings shared by quantization and pruning.
+fn check_calibration(calibration: &Option<PathBuf>, samples: usize) -> Result<(), Invalid> {
+    if let Some(c) = calibration {
         if !c.exists() {
-            return Err(format!("calibration data {} not found", c.display()));
+            return invalid(
+                "calibration",
+                format!("calibration data {} not found", c.display()),
+            );
         }
     }
-    if q.calibration_samples == 0 {
-        return Err("calibration_samples must be at least 1".into());
+    if samples == 0 {
+        return invalid(
+            "calibration_samples",
+            "calibration_samples must be at least 1",
+        );
     }
     Ok(())
+}
+
+/// Settings that contradict each other, whatever the model.
+pub fn check_quantization(q: &QuantSettings) -> Result<(), Invalid> {
+    if !(q.group_size >= 16 && q.group_size.is_power_of_two()) {
+        return invalid(
+            "group_size",
+            format!(
+                "group size {} is not supported: use a power of two of at least 16 (32, 64 or 128)",
+                q.group_size
+            ),
+        );
+    }
+    if q.method == QuantMethod::Awq && q.calibration.is_none() {
+        return invalid(
+            "method",
+            "method awq needs calibration data (a folder of input sets or a token file)",
+        );
+    }
+    check_calibration(&q.calibration, q.calibration_samples)
 }
 
 /// The `pruning` section (or the `--prune` flags): structured pruning settings.
@@ -498,29 +533,24 @@ pub fn parse_prune_spec(spec: &str, options: &mut PruneOptions) -> Result<(), St
 }
 
 /// Settings that contradict each other, whatever the model.
-pub fn check_pruning(p: &PruneSettings) -> Result<(), String> {
+pub fn check_pruning(p: &PruneSettings) -> Result<(), Invalid> {
     let o = &p.options;
     if o.all.is_none() && o.kinds.is_empty() && o.layers.is_empty() {
-        return Err("no amount to prune: give ratios (e.g. ffn: 0.25, heads: 2) or layers".into());
-    }
-    if o.multiple == 0 {
-        return Err("multiple must be at least 1".into());
-    }
-    if o.criterion == Criterion::Activation && p.calibration.is_none() {
-        return Err(
-            "criterion activation needs calibration data (a folder of input sets or a token file)"
-                .into(),
+        return invalid(
+            "ratios",
+            "no amount to prune: give ratios (e.g. ffn: 0.25, heads: 2) or layers",
         );
     }
-    if let Some(c) = &p.calibration {
-        if !c.exists() {
-            return Err(format!("calibration data {} not found", c.display()));
-        }
+    if o.multiple == 0 {
+        return invalid("multiple", "multiple must be at least 1");
     }
-    if p.calibration_samples == 0 {
-        return Err("calibration_samples must be at least 1".into());
+    if o.criterion == Criterion::Activation && p.calibration.is_none() {
+        return invalid(
+            "criterion",
+            "criterion activation needs calibration data (a folder of input sets or a token file)",
+        );
     }
-    Ok(())
+    check_calibration(&p.calibration, p.calibration_samples)
 }
 
 /// `pipeline: [pruning, quantization]`: the order of the graph-transforming stages. Pruning
@@ -747,54 +777,25 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
             cfg.set(section, &key, value)?;
         }
     }
-    if let Some(p) = &cfg.pruning {
-        if let Err(reason) = check_pruning(p) {
-            let key = if reason.contains("calibration") && !reason.contains("criterion") {
-                "calibration"
-            } else if reason.contains("criterion") {
-                "criterion"
-            } else {
-                "ratios"
-            };
-            let mut path = vec![Step::key("pruning")];
-            if locate(text, &[Step::key("pruning"), Step::key(key)], Want::Key).is_some() {
+    // Inconsistent settings are placed at the key they are most about (or at the section when
+    // that key is not written).
+    let checks = [
+        ("pruning", cfg.pruning.as_ref().map(check_pruning)),
+        (
+            "quantization",
+            cfg.quantization.as_ref().map(check_quantization),
+        ),
+    ];
+    for (section, check) in checks {
+        if let Some(Err(Invalid { key, reason })) = check {
+            let mut path = vec![Step::key(section)];
+            if locate(text, &[Step::key(section), Step::key(key)], Want::Key).is_some() {
                 path.push(Step::key(key));
             }
             return Err(src.key(
                 &path,
                 Problem::Inconsistent {
-                    key: format!("pruning.{key}"),
-                    reason,
-                },
-            ));
-        }
-    }
-    if let Some(q) = &cfg.quantization {
-        if let Err(reason) = check_quantization(q) {
-            // Place the problem at the key it is most about.
-            let key = if reason.starts_with("group size") {
-                "group_size"
-            } else if reason.contains("calibration_samples") {
-                "calibration_samples"
-            } else if reason.starts_with("method") {
-                "method"
-            } else {
-                "calibration"
-            };
-            let mut path = vec![Step::key("quantization")];
-            if locate(
-                text,
-                &[Step::key("quantization"), Step::key(key)],
-                Want::Key,
-            )
-            .is_some()
-            {
-                path.push(Step::key(key));
-            }
-            return Err(src.key(
-                &path,
-                Problem::Inconsistent {
-                    key: format!("quantization.{key}"),
+                    key: format!("{section}.{key}"),
                     reason,
                 },
             ));

@@ -11,9 +11,8 @@ mod common;
 
 use common::*;
 use kiln_compiler::onnx::load_model;
-use kiln_compiler::{compare, interp, shape, Tensor};
+use kiln_compiler::{interp, shape, Tensor};
 use std::path::Path;
-use std::process::Command;
 
 /// `kiln compile MODEL --target x86_64 ARGS... -o OUT`; returns its stdout.
 fn compile(model: &Path, args: &[&str], out: &Path) -> String {
@@ -31,30 +30,6 @@ fn load_verified(path: &Path) -> kiln_compiler::Graph {
     shape::infer(&mut g).unwrap();
     kiln_compiler::ir::verify::verify(&g).unwrap();
     g
-}
-
-fn close(what: &str, expected: &[Tensor], got: &[Tensor], rtol: f64, atol: f64) {
-    assert_eq!(expected.len(), got.len(), "{what}: output count");
-    for (k, (e, g)) in expected.iter().zip(got).enumerate() {
-        let d = compare::allclose(e, g, rtol, atol).unwrap_or_else(|r| panic!("{what} {k}: {r}"));
-        eprintln!("{what} output {k}: max abs diff {:.2e}", d.max_abs);
-    }
-}
-
-fn onnxruntime(model: &Path, inputs_dir: &Path, out: &Path) -> Vec<Tensor> {
-    let st = Command::new(cache_dir().join("venv/bin/python"))
-        .arg(repo_root().join("scripts/ort_run.py"))
-        .arg(model)
-        .arg(inputs_dir)
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "onnxruntime could not run {}",
-        model.display()
-    );
-    read_set(out, "output")
 }
 
 /// Every `skipped` line of a report names the candidate and gives a reason.

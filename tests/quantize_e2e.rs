@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use kiln_compiler::onnx::load_model;
-use kiln_compiler::{compare, interp, Tensor};
+use kiln_compiler::{interp, Tensor};
 use std::path::Path;
 use std::process::Command;
 
@@ -29,14 +29,6 @@ fn compile_q4(model_dir: &Path, target: &str, extra: &[&str], out: &Path) -> Str
     let r = kiln(&args);
     assert_eq!(r.code, Some(0), "kiln {}: {}", args.join(" "), r.stderr);
     r.stdout
-}
-
-fn close(what: &str, expected: &[Tensor], got: &[Tensor], rtol: f64, atol: f64) {
-    assert_eq!(expected.len(), got.len(), "{what}: output count");
-    for (k, (e, g)) in expected.iter().zip(got).enumerate() {
-        let d = compare::allclose(e, g, rtol, atol).unwrap_or_else(|r| panic!("{what} {k}: {r}"));
-        eprintln!("{what} output {k}: max abs diff {:.2e}", d.max_abs);
-    }
 }
 
 fn qemu_outputs(so: &Path, cpu: &str, inputs: &[Tensor], like: &[Tensor]) -> Vec<Tensor> {
@@ -96,16 +88,7 @@ fn emitted_onnx_runs_in_onnxruntime_and_matches_the_artifact() {
     let (onnx, so) = (dir.path().join("q.onnx"), dir.path().join("q.so"));
     compile_q4(&m, "x86_64", &["--emit-onnx", onnx.to_str().unwrap()], &so);
     let inputs_dir = m.join("test_data_set_0");
-    let ort_out = dir.path().join("ort");
-    let st = Command::new(cache_dir().join("venv/bin/python"))
-        .arg(repo_root().join("scripts/ort_run.py"))
-        .arg(&onnx)
-        .arg(&inputs_dir)
-        .arg(&ort_out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "onnxruntime could not run the emitted model");
-    let ort = read_set(&ort_out, "output");
+    let ort = onnxruntime(&onnx, &inputs_dir, &dir.path().join("ort"));
     let ours = run_native(&so, &read_set(&inputs_dir, "input"), 1);
     close(
         "emitted onnx in onnxruntime vs artifact",
@@ -360,19 +343,7 @@ fn smollm2_quantized_by_onnxruntime_imports_packed_and_matches_onnxruntime() {
     let size = std::fs::metadata(&so).unwrap().len();
     assert!(size < 300_000_000, "artifact {size} bytes");
     let inputs_dir = m.join("test_data_set_0");
-    let ort_out = dir.path().join("ort");
-    let st = Command::new(&py)
-        .arg(repo_root().join("scripts/ort_run.py"))
-        .arg(&q)
-        .arg(&inputs_dir)
-        .arg(&ort_out)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "onnxruntime could not run the quantized model"
-    );
-    let ort = read_set(&ort_out, "output");
+    let ort = onnxruntime(&q, &inputs_dir, &dir.path().join("ort"));
     let ours = run_native(&so, &read_set(&inputs_dir, "input"), 2);
     close(
         "onnxruntime-quantized smollm2: onnxruntime vs artifact",

@@ -9,7 +9,6 @@ use kiln_compiler::ir::{
     BinaryOp, Constant, Graph, Node, NodeId, Op, ValueDef, ValueId, ValueType,
 };
 use kiln_compiler::Tensor;
-use std::collections::HashSet;
 
 pub struct FoldBatchNorm;
 
@@ -21,7 +20,6 @@ impl Pass for FoldBatchNorm {
     fn run(&self, g: &mut Graph) -> Result<PassReport, PassError> {
         let mut report = PassReport::default();
         let ids: Vec<NodeId> = g.nodes.node_indices().collect();
-        let mut taken: HashSet<String> = g.values.iter().map(|v| v.name.clone()).collect();
         for id in ids {
             let n = &g.nodes[id];
             let Op::BatchNorm { epsilon } = n.op else {
@@ -54,15 +52,6 @@ impl Pass for FoldBatchNorm {
                 .collect();
             let shift: Vec<f64> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
             let name = n.name.clone();
-            let mut fresh = |base: String| {
-                let mut s = base.clone();
-                let mut k = 1;
-                while !taken.insert(s.clone()) {
-                    s = format!("{base}{k}");
-                    k += 1;
-                }
-                s
-            };
             if let Some((conv, w_id)) = foldable_conv(g, x, c) {
                 let Some(w) = g.constant(w_id).map(|c| c.to_tensor()) else {
                     continue;
@@ -84,8 +73,8 @@ impl Pass for FoldBatchNorm {
                 let new_b: Vec<f32> = (0..c)
                     .map(|i| (bias[i] * scale[i] + shift[i]) as f32)
                     .collect();
-                let wname = fresh(format!("{}.bn_folded", g.value(w_id).name));
-                let bname = fresh(format!("{name}.bias_folded"));
+                let wname = g.fresh_name(&format!("{}.bn_folded", g.value(w_id).name));
+                let bname = g.fresh_name(&format!("{name}.bias_folded"));
                 let wv = g.add_constant(
                     wname,
                     Constant::from_tensor(&Tensor::from_vec(w.shape.clone(), folded)),
@@ -115,24 +104,28 @@ impl Pass for FoldBatchNorm {
                     )
                 };
                 let sv = g.add_constant(
-                    fresh(format!("{name}.scale")),
+                    g.fresh_name(&format!("{name}.scale")),
                     Constant::from_tensor(&to_t(&scale)),
                 );
                 let hv = g.add_constant(
-                    fresh(format!("{name}.shift")),
+                    g.fresh_name(&format!("{name}.shift")),
                     Constant::from_tensor(&to_t(&shift)),
                 );
                 let ty: ValueType = g.value(y).ty.clone();
-                let mid = g.add_value(fresh(format!("{name}.scaled")), ty, ValueDef::Undefined);
+                let mid = g.add_value(
+                    g.fresh_name(&format!("{name}.scaled")),
+                    ty,
+                    ValueDef::Undefined,
+                );
                 g.remove_node(id);
                 g.add_node(Node {
-                    name: fresh(format!("{name}.mul")),
+                    name: g.fresh_name(&format!("{name}.mul")),
                     op: Op::Binary(BinaryOp::Mul),
                     inputs: vec![Some(x), Some(sv)],
                     outputs: vec![mid],
                 });
                 g.add_node(Node {
-                    name: fresh(format!("{name}.add")),
+                    name: g.fresh_name(&format!("{name}.add")),
                     op: Op::Binary(BinaryOp::Add),
                     inputs: vec![Some(mid), Some(hv)],
                     outputs: vec![y],

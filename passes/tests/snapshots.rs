@@ -234,13 +234,9 @@ fn conv_bn_relu_conv() -> Graph {
     b.finish(&[y])
 }
 
-/// Prunes `g` with `options`; returns the before/after IR text and checks that the pruned
-/// graph computes the same outputs as the original on a fixed input (the pruned units are
-/// the ones that contribute nothing).
-fn prune_snapshot(mut g: Graph, options: PruneOptions) -> String {
-    let before = print_graph(&g);
-    let inputs: Vec<Tensor> = g
-        .inputs
+/// A fixed input in [-1, 1) for every graph input (static shapes, f32).
+fn fixed_inputs(g: &Graph) -> Vec<Tensor> {
+    g.inputs
         .iter()
         .map(|&v| {
             let shape = g.value(v).ty.static_shape().unwrap();
@@ -252,7 +248,15 @@ fn prune_snapshot(mut g: Graph, options: PruneOptions) -> String {
                     .collect::<Vec<f32>>(),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Prunes `g` with `options`; returns the before/after IR text and checks that the pruned
+/// graph computes the same outputs as the original on a fixed input (the pruned units are
+/// the ones that contribute nothing).
+fn prune_snapshot(mut g: Graph, options: PruneOptions) -> String {
+    let before = print_graph(&g);
+    let inputs = fixed_inputs(&g);
     let expected = kiln_compiler::interp::run(&g, &inputs).unwrap();
     let pass = Prune {
         options,
@@ -337,20 +341,7 @@ fn prune_keeps_what_the_keep_list_names() {
 /// before and after.
 fn exact_snapshot(mut g: Graph, pass: impl Pass + 'static) -> String {
     let before = print_graph(&g);
-    let inputs: Vec<Tensor> = g
-        .inputs
-        .iter()
-        .map(|&v| {
-            let shape = g.value(v).ty.static_shape().unwrap();
-            let n: usize = shape.iter().product();
-            Tensor::from_vec(
-                shape,
-                (0..n)
-                    .map(|i| ((i * 5) % 13) as f32 / 6.0 - 1.0)
-                    .collect::<Vec<f32>>(),
-            )
-        })
-        .collect();
+    let inputs = fixed_inputs(&g);
     let expected = kiln_compiler::interp::run(&g, &inputs).unwrap();
     let name = pass.name();
     Pipeline::new()

@@ -165,7 +165,7 @@ impl Args {
         if let Some(n) = self.calibration_samples {
             q.calibration_samples = n;
         }
-        config::check_quantization(&q).map_err(anyhow::Error::msg)?;
+        config::check_quantization(&q).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Some(q))
     }
 }
@@ -251,14 +251,12 @@ fn compile(plan: &Plan, show_schedule: bool) -> Result<ExitCode> {
     if let Some(p) = &plan.pruning {
         println!("pruning {}:", model.display());
         super::prune::apply(&mut m.graph, p)?;
-        Pipeline::new()
-            .verify_each(true)
-            .with(DeadCodeElimination)
-            .run(&mut m.graph)?;
     }
     if let Some(q) = &plan.quantization {
         println!("quantizing {}:", model.display());
         super::quantize::apply(&mut m.graph, q)?;
+    }
+    if plan.pruning.is_some() || plan.quantization.is_some() {
         Pipeline::new()
             .verify_each(true)
             .with(DeadCodeElimination)

@@ -135,21 +135,15 @@ fn inspect_artifact(path: &Path) -> Result<ExitCode> {
         })
         .ok_or_else(|| anyhow::anyhow!("{}: unreadable model info", path.display()))?;
     println!("artifact: {} ({} bytes)", path.display(), bytes.len());
-    for line in text.lines() {
-        match line.split_once(' ') {
-            Some(("parameters" | "weight_bytes", n)) => {
-                let key = line.split(' ').next().unwrap_or_default();
-                let n: u64 = n.parse().unwrap_or_default();
-                let label = if key == "parameters" {
-                    format!("parameters: {}", thousands(n))
-                } else {
-                    format!("weights: {} ({})", thousands(n), human_bytes(n))
-                };
-                println!("{label}");
+    for (key, value) in text.lines().filter_map(|l| l.split_once(' ')) {
+        let count = || value.parse::<u64>().unwrap_or_default();
+        match key {
+            "kiln_model_info" => {}
+            "parameters" => println!("parameters: {}", thousands(count())),
+            "weight_bytes" => {
+                println!("weights: {} ({})", thousands(count()), human_bytes(count()))
             }
-            Some(("kiln_model_info", _)) => {}
-            Some((k, v)) => println!("{k}: {v}"),
-            None => {}
+            _ => println!("{key}: {value}"),
         }
     }
     Ok(ExitCode::SUCCESS)

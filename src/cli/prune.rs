@@ -7,28 +7,22 @@
 use crate::cli::inspect::thousands;
 use crate::config::PruneSettings;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_compiler::ir::Graph;
 use kiln_passes::prune::{collect_channel_norms, find_structures, Criterion, Norm, Prune};
 
 /// Applies `p` to the graph (after shape inference) and prints the report.
 pub fn apply(g: &mut Graph, p: &PruneSettings) -> Result<()> {
+    let found = find_structures(g);
     let activations = match (p.options.criterion, &p.calibration) {
         (Criterion::Activation, Some(path)) => {
             let samples = super::quantize::load_calibration(g, path, p.calibration_samples)?;
-            let (structures, _) = find_structures(g);
-            let sinks: Vec<(String, usize)> = structures
+            let sinks: Vec<(String, usize)> = found
+                .0
                 .iter()
                 .flat_map(|s| s.sinks.iter())
                 .map(|k| (g.nodes[k.node].name.clone(), k.axis))
                 .collect();
-            let bar = ProgressBar::new(samples.len() as u64);
-            if let Ok(style) =
-                ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len} ({eta})")
-            {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_message("calibration");
+            let bar = super::quantize::progress(samples.len() as u64, "calibration");
             let norms = collect_channel_norms(g, &samples, &sinks, &mut || bar.inc(1))
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("calibrating on {}", path.display()))?;
@@ -46,7 +40,7 @@ pub fn apply(g: &mut Graph, p: &PruneSettings) -> Result<()> {
         options: p.options.clone(),
         activations,
     };
-    let r = pass.prune(g)?;
+    let r = pass.prune_found(g, found)?;
     println!(
         "  criterion: {}{}, widths rounded to multiples of {}",
         p.options.criterion.name(),

@@ -175,7 +175,8 @@ fn awq_scales(
     Ok(scales)
 }
 
-fn progress(n: u64, what: &'static str) -> ProgressBar {
+/// A progress bar in the style of every calibration step of `kiln compile`.
+pub fn progress(n: u64, what: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(n);
     if let Ok(style) = ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len} ({eta})") {
         bar.set_style(style.progress_chars("=> "));

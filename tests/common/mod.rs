@@ -262,3 +262,31 @@ pub fn run_qemu(so: &Path, cpu: &str, inputs: &[Tensor], n_out: usize) -> QemuRu
         outputs,
     }
 }
+
+/// Checks every output against the expected one (rtol, atol) and prints the largest error.
+pub fn close(what: &str, expected: &[Tensor], got: &[Tensor], rtol: f64, atol: f64) {
+    assert_eq!(expected.len(), got.len(), "{what}: output count");
+    for (k, (e, g)) in expected.iter().zip(got).enumerate() {
+        let d = kiln_compiler::compare::allclose(e, g, rtol, atol)
+            .unwrap_or_else(|r| panic!("{what} {k}: {r}"));
+        eprintln!("{what} output {k}: max abs diff {:.2e}", d.max_abs);
+    }
+}
+
+/// Runs `model` in onnxruntime (scripts/ort_run.py) on the inputs of `inputs_dir`, writing
+/// its outputs under `out`, and returns them.
+pub fn onnxruntime(model: &Path, inputs_dir: &Path, out: &Path) -> Vec<Tensor> {
+    let st = Command::new(cache_dir().join("venv/bin/python"))
+        .arg(repo_root().join("scripts/ort_run.py"))
+        .arg(model)
+        .arg(inputs_dir)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "onnxruntime could not run {}",
+        model.display()
+    );
+    read_set(out, "output")
+}

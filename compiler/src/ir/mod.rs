@@ -175,6 +175,18 @@ impl Graph {
         id
     }
 
+    /// `base`, or `base1`, `base2`, ... : the first of them no value of the graph is named.
+    pub fn fresh_name(&self, base: &str) -> String {
+        let taken = |n: &str| self.values.iter().any(|v| v.name == n);
+        if !taken(base) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|i| format!("{base}{i}"))
+            .find(|n| !taken(n))
+            .unwrap_or_else(|| unreachable!("the integers are endless"))
+    }
+
     pub fn add_constant(&mut self, name: impl Into<String>, c: Constant) -> ValueId {
         let ty = ValueType::fixed(c.dtype, &c.shape);
         self.add_value(name, ty, ValueDef::Const(c))

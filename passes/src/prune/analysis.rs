@@ -213,26 +213,18 @@ pub fn find_structures(g: &Graph) -> (Vec<Structure>, Vec<Skipped>) {
             query_heads: None,
         };
         let result = walk.run(id);
-        let producers: Vec<NodeId> = walk
-            .slices
-            .iter()
-            .filter(|s| s.role == SliceRole::Producer)
-            .map(|s| s.node)
-            .chain([id])
-            .collect();
-        covered.extend(producers.iter().copied());
-        let weights: Vec<String> = walk
-            .slices
-            .iter()
-            .filter(|s| s.role != SliceRole::Param)
-            .filter_map(|s| g.nodes[s.node].inputs.get(s.input).copied().flatten())
-            .map(|v| g.value(v).name.clone())
-            .collect();
+        covered.extend(
+            walk.slices
+                .iter()
+                .filter(|s| s.role == SliceRole::Producer)
+                .map(|s| s.node)
+                .chain([id]),
+        );
         match result.and_then(|()| walk.finish()) {
             Ok(s) => found.push(s),
             Err(reason) => skipped.push(Skipped {
                 seed: g.nodes[id].name.clone(),
-                weights,
+                weights: walk.weight_names().into_iter().map(String::from).collect(),
                 reason,
             }),
         }
@@ -800,6 +792,17 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
+    /// The names of the producer and consumer weights found so far.
+    fn weight_names(&self) -> Vec<&'a str> {
+        let g = self.g;
+        self.slices
+            .iter()
+            .filter(|s| s.role != SliceRole::Param)
+            .filter_map(|s| g.nodes[s.node].inputs.get(s.input).copied().flatten())
+            .map(|v| g.value(v).name.as_str())
+            .collect()
+    }
+
     /// Checks the structure is closed (every producer and consumer found) and computes its
     /// unit: the gcd of every tracked size.
     fn finish(&mut self) -> Result<Structure, String> {
@@ -826,13 +829,7 @@ impl<'a> Walk<'a> {
         } else {
             StructureKind::Ffn
         };
-        let weight_names: Vec<&str> = self
-            .slices
-            .iter()
-            .filter(|s| s.role != SliceRole::Param)
-            .filter_map(|s| self.g.nodes[s.node].inputs.get(s.input).copied().flatten())
-            .map(|v| self.g.value(v).name.as_str())
-            .collect();
+        let weight_names = self.weight_names();
         let name = common_prefix(&weight_names)
             .unwrap_or_else(|| self.g.nodes[self.slices[0].node].name.clone());
         let mut nodes: Vec<NodeId> = self.visited.iter().copied().collect();
@@ -851,7 +848,7 @@ impl<'a> Walk<'a> {
     }
 }
 
-fn gcd(a: usize, b: usize) -> usize {
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
     } else {

@@ -15,12 +15,14 @@ pub mod analysis;
 
 pub use analysis::{find_structures, Skipped, SliceRole, Structure, StructureKind};
 
+use analysis::gcd;
+
 use crate::quantize::Glob;
 use crate::{Pass, PassError, PassReport};
 use kiln_compiler::interp;
 use kiln_compiler::ir::{Constant, Dim, Graph, NodeId, Op, ValueId};
 use kiln_compiler::{shape, Tensor};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 /// How units are ranked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -121,8 +123,8 @@ impl Default for PruneOptions {
 }
 
 impl PruneOptions {
-    fn amount(&self, s: &Structure, g: &Graph) -> Option<(Amount, String)> {
-        let names = s.names(g);
+    /// The amount for structure `s` (answering to `names`) and where it came from.
+    fn amount(&self, s: &Structure, names: &[&str]) -> Option<(Amount, String)> {
         if let Some((glob, a)) = self
             .layers
             .iter()
@@ -227,10 +229,19 @@ fn fail(reason: String) -> PassError {
 impl Prune {
     /// Prunes `g` and reports every structure pruned, left alone or skipped.
     pub fn prune(&self, g: &mut Graph) -> Result<PruneReport, PassError> {
+        self.prune_found(g, find_structures(g))
+    }
+
+    /// [`Prune::prune`] with the structures of `g` already found (by [`find_structures`] on
+    /// this very graph), for callers that needed them first (calibration of the consumers).
+    pub fn prune_found(
+        &self,
+        g: &mut Graph,
+        (structures, skipped): (Vec<Structure>, Vec<Skipped>),
+    ) -> Result<PruneReport, PassError> {
         if self.options.multiple == 0 {
             return Err(fail("the width multiple must be at least 1".into()));
         }
-        let (structures, skipped) = find_structures(g);
         let mut report = PruneReport {
             skipped,
             params_before: g.parameter_stats().count,
@@ -251,7 +262,7 @@ impl Prune {
                     .push((s.name.clone(), format!("kept by glob '{}'", k.as_str())));
                 continue;
             }
-            let Some((amount, from)) = self.options.amount(s, g) else {
+            let Some((amount, from)) = self.options.amount(s, &names) else {
                 report.untouched.push((
                     s.name.clone(),
                     format!("no amount given for {}", s.kind.key()),
@@ -384,17 +395,21 @@ fn axis_sums(g: &Graph, sl: &analysis::ConstSlice, norm: Norm) -> Vec<f64> {
     let Some(c) = g.nodes[sl.node].inputs[sl.input].and_then(|v| g.constant(v)) else {
         return vec![0.0; sl.dim];
     };
-    let vals = c.to_tensor().to_f64_vec();
-    let inner: usize = c.shape[sl.axis + 1..].iter().product();
     let mut sums = vec![0.0f64; sl.dim];
-    for (i, v) in vals.iter().enumerate() {
-        let k = (i / inner.max(1)) % sl.dim;
-        sums[k] += match norm {
-            Norm::L1 => v.abs(),
-            Norm::L2 => v * v,
-        };
-    }
+    add_per_index(&c.to_tensor(), sl.axis, &mut sums, |v| match norm {
+        Norm::L1 => v.abs(),
+        Norm::L2 => v * v,
+    });
     sums
+}
+
+/// Adds `f(x)` of every element of `t` to `sums[index of x along axis]`.
+fn add_per_index(t: &Tensor, axis: usize, sums: &mut [f64], f: impl Fn(f64) -> f64) {
+    let dim = sums.len();
+    let inner: usize = t.shape[axis + 1..].iter().product();
+    for (i, v) in t.to_f64_vec().into_iter().enumerate() {
+        sums[(i / inner.max(1)) % dim] += f(v);
+    }
 }
 
 /// The element count a sliced constant had before pruning (called after [`apply`]: the
@@ -405,14 +420,6 @@ fn original_numel(g: &Graph, sl: &analysis::ConstSlice) -> u64 {
     };
     let now = c.shape[sl.axis];
     (c.numel() / now.max(1) * sl.dim) as u64
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
 }
 
 /// `n` rounded to the nearest multiple of `step` (ties up), at least `step`, at most `max`.
@@ -430,17 +437,6 @@ fn round_to_step(n: usize, step: usize, max: usize) -> usize {
 /// and updates the static type of every tracked value.
 fn apply(g: &mut Graph, s: &Structure, kept: &[usize]) -> Result<(), PassError> {
     let units = s.units;
-    let mut taken: HashSet<String> = g.values.iter().map(|v| v.name.clone()).collect();
-    let mut fresh = |base: &str| {
-        let mut name = format!("{base}.pruned");
-        let mut i = 1;
-        while taken.contains(&name) {
-            name = format!("{base}.pruned{i}");
-            i += 1;
-        }
-        taken.insert(name.clone());
-        name
-    };
     for sl in &s.slices {
         let v = g.nodes[sl.node].inputs[sl.input]
             .ok_or_else(|| fail("a sliced input disappeared".into()))?;
@@ -448,7 +444,7 @@ fn apply(g: &mut Graph, s: &Structure, kept: &[usize]) -> Result<(), PassError> 
             .constant(v)
             .ok_or_else(|| fail(format!("'{}' is no longer a constant", g.value(v).name)))?;
         let t = slice_units(&c.to_tensor(), sl.axis, units, kept);
-        let name = fresh(&g.value(v).name);
+        let name = g.fresh_name(&format!("{}.pruned", g.value(v).name));
         let nv = g.add_constant(name, Constant::from_tensor(&t));
         g.nodes[sl.node].inputs[sl.input] = Some(nv);
     }
@@ -461,7 +457,7 @@ fn apply(g: &mut Graph, s: &Structure, kept: &[usize]) -> Result<(), PassError> 
         let mut spec = c.to_tensor().to_i64_vec();
         spec[e.index] = (e.dim / units * kept.len()) as i64;
         let t = Tensor::from_vec(vec![spec.len()], spec);
-        let name = fresh(&g.value(v).name);
+        let name = g.fresh_name(&format!("{}.pruned", g.value(v).name));
         let nv = g.add_constant(name, Constant::from_tensor(&t));
         g.nodes[e.node].inputs[e.input] = Some(nv);
     }
@@ -563,14 +559,10 @@ pub fn collect_channel_norms(
             let Some(&dim) = x.shape.get(axis) else {
                 return;
             };
-            let inner: usize = x.shape[axis + 1..].iter().product();
-            let vals = x.to_f64_vec();
             let acc = sums
                 .entry(node.name.clone())
                 .or_insert_with(|| vec![0.0; dim]);
-            for (i, v) in vals.iter().enumerate() {
-                acc[(i / inner.max(1)) % dim] += v * v;
-            }
+            add_per_index(x, axis, acc, |v| v * v);
         };
         interp::run_observed(g, sample, &mut observe).map_err(|e| e.to_string())?;
         progress();
