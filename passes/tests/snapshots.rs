@@ -377,3 +377,24 @@ fn batchnorm_without_conv_becomes_mul_and_add() {
     );
     insta::assert_snapshot!(exact_snapshot(b.finish(&[y]), FoldBatchNorm));
 }
+
+#[test]
+fn prune_amount_for_every_kind_applies_without_a_per_kind_one() {
+    let mut g = swiglu_ffn();
+    let options = PruneOptions {
+        all: Some(Amount::Fraction(0.5)),
+        ..Default::default()
+    };
+    let r = Prune {
+        options,
+        activations: None,
+    }
+    .prune(&mut g)
+    .unwrap();
+    let pruned: Vec<(usize, usize)> = r
+        .pruned
+        .iter()
+        .map(|p| (p.units_before, p.units_after))
+        .collect();
+    assert_eq!(pruned, vec![(16, 8)]);
+}
