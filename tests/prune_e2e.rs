@@ -544,3 +544,35 @@ fn yaml_pruning_section_with_layer_globs_and_keep_list() {
     );
     assert!(dir.path().join("p.so").is_file());
 }
+
+/// Grouped-query attention (tiny Llama: 4 query heads sharing 2 KV heads): pruning one KV head
+/// takes its two query heads with it, and the artifact matches the interpreter on the pruned
+/// graph.
+#[test]
+fn gqa_head_pruning_removes_a_kv_head_with_its_query_heads() {
+    let m = repo_root().join("examples/tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let (onnx, so) = (dir.path().join("p.onnx"), dir.path().join("p.so"));
+    let report = compile(
+        &m.join("model.onnx"),
+        &["--prune", "heads=1", "--emit-onnx", onnx.to_str().unwrap()],
+        &so,
+    );
+    assert_eq!(
+        report
+            .matches("2 -> 1 KV heads (4 -> 2 query heads) (width 128 -> 64)")
+            .count(),
+        2,
+        "{report}"
+    );
+    let g = load_verified(&onnx);
+    let inputs = read_set(&m.join("test_data_set_0"), "input");
+    let expected = interp::run(&g, &inputs).unwrap();
+    close(
+        "tiny llama heads=1 artifact vs interpreter",
+        &expected,
+        &run_native(&so, &inputs, 1),
+        1e-3,
+        1e-4,
+    );
+}
