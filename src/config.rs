@@ -53,6 +53,7 @@ const QUANT_KEYS: &[&str] = &[
     "symmetric",
     "zero_point",
     "method",
+    "activations",
     "calibration",
     "calibration_samples",
     "exclude",
@@ -370,6 +371,18 @@ pub enum QuantMethod {
     Awq,
 }
 
+/// `quantization.activations`: what the quantized products multiply the weights with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// f32 activations times weights dequantized in registers.
+    #[default]
+    F32,
+    /// Activations quantized to int8 per group at run time, integer dot products (MatMulNBits
+    /// accuracy level 4): faster, slightly less accurate.
+    Int8,
+}
+
 /// The `quantization` section (or the `--quantize` flags): weight-only quantization settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantSettings {
@@ -378,6 +391,7 @@ pub struct QuantSettings {
     pub group_size: usize,
     pub symmetric: bool,
     pub method: QuantMethod,
+    pub activations: Activations,
     /// A folder of `test_data_set_*`/`input_N.pb` sets, one such set, or a token-id file.
     pub calibration: Option<PathBuf>,
     pub calibration_samples: usize,
@@ -396,6 +410,7 @@ impl Default for QuantSettings {
             group_size: 128,
             symmetric: false,
             method: QuantMethod::Rtn,
+            activations: Activations::F32,
             calibration: None,
             calibration_samples: 128,
             exclude: Vec::new(),
@@ -467,6 +482,15 @@ pub fn check_quantization(q: &QuantSettings) -> Result<(), Invalid> {
             format!(
                 "group size {} is not supported: use a power of two of at least 16 (32, 64 or 128)",
                 q.group_size
+            ),
+        );
+    }
+    if q.activations == Activations::Int8 && q.precision != Precision::Int4 {
+        return invalid(
+            "activations",
+            format!(
+                "int8 activations need 4-bit weights (q4), not {}",
+                q.precision.name()
             ),
         );
     }
@@ -1085,6 +1109,14 @@ impl Config {
                             "rtn" => QuantMethod::Rtn,
                             "awq" => QuantMethod::Awq,
                             other => return Err(bad_value(other.to_string(), &["rtn", "awq"])),
+                        };
+                    }
+                    "activations" => {
+                        let m = v.as_str().ok_or_else(|| wrong("f32 or int8", v))?;
+                        q.activations = match m {
+                            "f32" => Activations::F32,
+                            "int8" => Activations::Int8,
+                            other => return Err(bad_value(other.to_string(), &["f32", "int8"])),
                         };
                     }
                     "calibration" => match v {

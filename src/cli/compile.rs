@@ -47,6 +47,10 @@ pub struct Args {
     /// Rounding method.
     #[arg(long, value_enum)]
     pub method: Option<config::QuantMethod>,
+    /// Activations of the quantized products: f32 (default) or int8 (quantized per group at
+    /// run time, integer dot products; MatMulNBits accuracy level 4).
+    #[arg(long, value_enum)]
+    pub activations: Option<config::Activations>,
     /// Calibration data for AWQ: a folder of input sets or a raw int32 token file.
     #[arg(long, value_name = "PATH")]
     pub calibration: Option<PathBuf>,
@@ -137,12 +141,13 @@ impl Args {
         let extra = self.group_size.is_some()
             || self.symmetric
             || self.method.is_some()
+            || self.activations.is_some()
             || (self.prune.is_none()
                 && (self.calibration.is_some() || self.calibration_samples.is_some()));
         let Some(mode) = &self.quantize else {
             if extra {
                 bail!(
-                    "--group-size, --symmetric, --method and --calibration need --quantize q4|q8"
+                    "--group-size, --symmetric, --method, --activations and --calibration need --quantize q4|q8"
                 );
             }
             return Ok(None);
@@ -160,6 +165,9 @@ impl Args {
         q.symmetric = self.symmetric;
         if let Some(m) = self.method {
             q.method = m;
+        }
+        if let Some(a) = self.activations {
+            q.activations = a;
         }
         q.calibration = self.calibration.clone();
         if let Some(n) = self.calibration_samples {

@@ -3,7 +3,7 @@
 //! progress bar), the quantizer, and the report (exclusions, per-layer error worst first,
 //! weight bytes by type, a loud warning when most matrix weights stayed float).
 
-use crate::config::{QuantMethod, QuantSettings};
+use crate::config::{Activations, QuantMethod, QuantSettings};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_compiler::ir::{Graph, Op, ValueDef};
@@ -64,6 +64,7 @@ pub fn apply(g: &mut Graph, q: &QuantSettings) -> Result<()> {
         exclusions: exclusions.clone(),
         overrides,
         awq_scales: HashMap::new(),
+        int8_activations: q.activations == Activations::Int8,
     };
     // The quantizer must see the exclusions before ExcludeLayers rewrites them, so plan first.
     plan_quantization(g, &options).map_err(anyhow::Error::msg)?;

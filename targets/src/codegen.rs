@@ -193,6 +193,7 @@ fn clty(s: Scalar) -> Type {
 struct KernelGen<'a, 'b> {
     b: &'a mut FunctionBuilder<'b>,
     k: &'a Kernel,
+    arch: Arch,
     ptrs: Vec<Value>,
     vars: Vec<Variable>,
     /// Iteration range [start, end) of the kernel's parallel loop (the function's arguments).
@@ -409,6 +410,32 @@ impl KernelGen<'_, '_> {
                     self.b.ins().fdemote(tt, x)
                 }
             }
+            (true, false) if tt.bits() < 32 => {
+                // Backends convert to 32 or 64 bits only: saturate to i32, clamp to the
+                // narrow type's range, then truncate.
+                let bits = tt.bits();
+                let (lo, hi) = if to.is_unsigned() {
+                    (0i64, (1i64 << bits) - 1)
+                } else {
+                    (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1)
+                };
+                let wide = if to.is_unsigned() {
+                    self.b.ins().fcvt_to_uint_sat(types::I32, x)
+                } else {
+                    self.b.ins().fcvt_to_sint_sat(types::I32, x)
+                };
+                let (lo, hi) = (
+                    self.b.ins().iconst(types::I32, lo),
+                    self.b.ins().iconst(types::I32, hi),
+                );
+                let clamped = if to.is_unsigned() {
+                    self.b.ins().umin(wide, hi)
+                } else {
+                    let up = self.b.ins().smax(wide, lo);
+                    self.b.ins().smin(up, hi)
+                };
+                self.b.ins().ireduce(tt, clamped)
+            }
             (true, false) => {
                 if to.is_unsigned() {
                     self.b.ins().fcvt_to_uint_sat(tt, x)
@@ -460,9 +487,13 @@ impl KernelGen<'_, '_> {
                     let m = self.b.ins().fmul(t, y);
                     self.b.ins().fsub(x, m)
                 }
-                BinOp::Pow | BinOp::And | BinOp::Or | BinOp::Xor | BinOp::Shl | BinOp::Shr => {
-                    return Err(self.err(format!("{op:?} on {t:?}")))
-                }
+                BinOp::Pow
+                | BinOp::And
+                | BinOp::Or
+                | BinOp::Xor
+                | BinOp::Shl
+                | BinOp::Shr
+                | BinOp::DotBytes => return Err(self.err(format!("{op:?} on {t:?}"))),
             }
         } else {
             let u = t.is_unsigned();
@@ -504,6 +535,22 @@ impl KernelGen<'_, '_> {
                     self.b.ins().select(big, z, r)
                 }
                 BinOp::Pow => return Err(self.err("integer Pow")),
+                BinOp::DotBytes if clty(t) == types::I32 => {
+                    // Sign-extend byte `i` of each word (the first operand's bytes are below
+                    // 128, so this is also their unsigned value) and sum the products.
+                    let mut sum = self.b.ins().iconst(types::I32, 0);
+                    for byte in 0..4 {
+                        let up = 24 - 8 * byte;
+                        let xs = self.b.ins().ishl_imm_s(x, up);
+                        let xs = self.b.ins().sshr_imm_s(xs, 24);
+                        let ys = self.b.ins().ishl_imm_s(y, up);
+                        let ys = self.b.ins().sshr_imm_s(ys, 24);
+                        let p = self.b.ins().imul(xs, ys);
+                        sum = self.b.ins().iadd(sum, p);
+                    }
+                    sum
+                }
+                BinOp::DotBytes => return Err(self.err(format!("DotBytes on {t:?}"))),
             }
         })
     }
@@ -882,6 +929,34 @@ impl KernelGen<'_, '_> {
                 let addr = self.address(*buf, index)?;
                 (self.vector_load(self.k.params[*buf].scalar, addr)?, true)
             }
+            Expr::Bin {
+                op: BinOp::Add,
+                a: acc,
+                b: dot,
+            } if matches!(**dot, Expr::Bin { op: BinOp::DotBytes, .. })
+                && lane_class(self.operand_type(acc, dot)) == Scalar::I32 =>
+            {
+                // acc + DotBytes(w, act): one accumulating dot product where the target has it.
+                let Expr::Bin { a: w, b: act, .. } = &**dot else {
+                    unreachable!("matched above")
+                };
+                let parts = [
+                    self.vexpr_in(acc, Scalar::I32)?,
+                    self.vexpr_in(w, Scalar::I32)?,
+                    self.vexpr_in(act, Scalar::I32)?,
+                ];
+                if parts.iter().all(|(_, is_vec)| !is_vec) {
+                    return Ok((self.expr_as(e, class)?, false));
+                }
+                let [acc, w, act] = parts.map(|(v, is_vec)| {
+                    if is_vec {
+                        v
+                    } else {
+                        self.b.ins().splat(types::I32X4, v)
+                    }
+                });
+                (self.dot_bytes(acc, w, act), true)
+            }
             Expr::Bin { op, a, b } => {
                 let c = lane_class(self.operand_type(a, b));
                 let (x, xv) = self.vexpr_in(a, c)?;
@@ -909,6 +984,11 @@ impl KernelGen<'_, '_> {
                 }
                 let x = if xv { x } else { self.b.ins().splat(vt, x) };
                 let y = if yv { y } else { self.b.ins().splat(vt, y) };
+                if c == Scalar::I32 && *op == BinOp::DotBytes {
+                    let zero = self.b.ins().iconst(types::I32, 0);
+                    let zero = self.b.ins().splat(vt, zero);
+                    return Ok((self.dot_bytes(zero, x, y), true));
+                }
                 let i = self.b.ins();
                 let r = match (c, op) {
                     (Scalar::F32, BinOp::Add) => i.fadd(x, y),
@@ -1024,6 +1104,38 @@ impl KernelGen<'_, '_> {
         })
     }
 
+    /// `acc + DotBytes(w, a)` lane by lane on i32x4 vectors (see [`BinOp::DotBytes`]): on
+    /// x86-64 `pmaddubsw` (signed activation bytes times unsigned weight bytes, pairs summed in
+    /// i16) then `pmaddwd` by ones (pairs summed in i32); on aarch64 the widening dot-product
+    /// tree that Cranelift folds into one `sdot` when the target has dotprod, and computes
+    /// with widening multiplies and pairwise additions otherwise.
+    fn dot_bytes(&mut self, acc: Value, w: Value, a: Value) -> Value {
+        let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
+        let w = self.b.ins().bitcast(types::I8X16, le, w);
+        let a = self.b.ins().bitcast(types::I8X16, le, a);
+        let i = self.b.ins();
+        let dot = match self.arch {
+            Arch::X86_64 => {
+                let pairs = i.x86_pmaddubsw(a, w);
+                let lo = self.b.ins().swiden_low(pairs);
+                let hi = self.b.ins().swiden_high(pairs);
+                self.b.ins().iadd_pairwise(lo, hi)
+            }
+            Arch::Aarch64 => {
+                let (wl, al) = (i.swiden_low(w), self.b.ins().swiden_low(a));
+                let lo = self.b.ins().imul(wl, al);
+                let (wh, ah) = (self.b.ins().swiden_high(w), self.b.ins().swiden_high(a));
+                let hi = self.b.ins().imul(wh, ah);
+                let (lo_l, lo_h) = (self.b.ins().swiden_low(lo), self.b.ins().swiden_high(lo));
+                let lo = self.b.ins().iadd_pairwise(lo_l, lo_h);
+                let (hi_l, hi_h) = (self.b.ins().swiden_low(hi), self.b.ins().swiden_high(hi));
+                let hi = self.b.ins().iadd_pairwise(hi_l, hi_h);
+                self.b.ins().iadd_pairwise(lo, hi)
+            }
+        };
+        self.b.ins().iadd(dot, acc)
+    }
+
     /// A vector load of 4 consecutive elements of type `s`, as f32x4 or i32x4.
     fn vector_load(&mut self, s: Scalar, addr: Value) -> Result<Value, CodegenError> {
         let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
@@ -1071,14 +1183,20 @@ impl KernelGen<'_, '_> {
         let mut locals = std::collections::HashSet::new();
         collect_assigned(body, &mut locals);
         let zero = self.fconst(0.0);
-        let zero_v = self.b.ins().splat(VF32, zero);
+        let zero_f = self.b.ins().splat(VF32, zero);
+        let zero = self.b.ins().iconst(types::I32, 0);
+        let zero_i = self.b.ins().splat(types::I32X4, zero);
         let mut sorted: Vec<VarId> = locals.into_iter().collect();
         sorted.sort();
         sorted
             .into_iter()
             .map(|x| {
-                let vv = self.b.declare_var(VF32);
-                self.b.def_var(vv, zero_v);
+                let (ty, zero) = match self.k.vars[x] {
+                    Scalar::I32 => (types::I32X4, zero_i),
+                    _ => (VF32, zero_f),
+                };
+                let vv = self.b.declare_var(ty);
+                self.b.def_var(vv, zero);
                 (x, vv)
             })
             .collect()
@@ -1257,6 +1375,7 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
     let mut g = KernelGen {
         b: &mut b,
         k,
+        arch: m.arch,
         ptrs,
         vars,
         range: (start, end),

@@ -76,6 +76,13 @@ pub enum BinOp {
     /// Logical shifts of unsigned integers (a shift by the width or more gives 0).
     Shl,
     Shr,
+    /// Dot product of the four bytes of two i32 words: byte `i` of the first operand, an
+    /// unsigned value that must be at most 127, times byte `i` of the second, signed, summed
+    /// into an i32. Exact on every target: x86's `pmaddubsw` then `pmaddwd` cannot saturate
+    /// under that bound (2 x 127 x 127 < 2^15), and NEON's `sdot` sees the same value whether
+    /// it reads the first operand's bytes signed or not. `Add(acc, DotBytes(w, a))` is one
+    /// `sdot` with dotprod.
+    DotBytes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

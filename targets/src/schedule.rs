@@ -153,13 +153,16 @@ fn assigned(stmts: &[Stmt], out: &mut HashSet<VarId>) {
 }
 
 /// Whether the loop over `v` with this body can run several iterations at once: every local
-/// assigned in it is f32 and written before it is read in each iteration (no loop-carried
+/// assigned in it is f32 or i32 and written before it is read in each iteration (no loop-carried
 /// value), every load and store is f32 and either invariant in `v` or contiguous in it (stores
 /// must be contiguous), and values use only operations with vector forms.
 pub fn vectorizable(k: &Kernel, v: VarId, body: &[Stmt]) -> bool {
     let mut locals = HashSet::new();
     assigned(body, &mut locals);
-    if locals.iter().any(|&x| k.vars[x] != Scalar::F32) {
+    if locals
+        .iter()
+        .any(|&x| !matches!(k.vars[x], Scalar::F32 | Scalar::I32))
+    {
         return false;
     }
     // Each local's first occurrence (pre-order = execution order here) must be a plain write.
@@ -199,8 +202,8 @@ fn writes_first(stmts: &[Stmt], locals: &HashSet<VarId>, seen: &mut HashSet<VarI
 
 fn stmts_ok(k: &Kernel, v: VarId, locals: &HashSet<VarId>, stmts: &[Stmt]) -> bool {
     stmts.iter().all(|s| match s {
-        Stmt::Assign { value, .. } => {
-            k.expr_type(value) == Scalar::F32 && value_ok(k, v, locals, value)
+        Stmt::Assign { var, value } => {
+            k.expr_type(value) == k.vars[*var] && value_ok(k, v, locals, value)
         }
         Stmt::Store { buf, index, value } => {
             k.params[*buf].scalar == Scalar::F32
@@ -258,7 +261,8 @@ fn value_ok(k: &Kernel, v: VarId, locals: &HashSet<VarId>, e: &Expr) -> bool {
                     | BinOp::Max
                     | BinOp::And
                     | BinOp::Or
-                    | BinOp::Xor => true,
+                    | BinOp::Xor
+                    | BinOp::DotBytes => true,
                     BinOp::Shl | BinOp::Shr => matches!(
                         **b,
                         Expr::Const(Const::I64(0..=31)) | Expr::Const(Const::I32(0..=31))

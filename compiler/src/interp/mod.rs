@@ -302,7 +302,15 @@ pub fn eval_op(
             n,
             bits,
             block_size,
-        } => one(quant::matmul_nbits(ins, *k, *n, *bits, *block_size)?),
+            accuracy_level,
+        } => one(quant::matmul_nbits(
+            ins,
+            *k,
+            *n,
+            *bits,
+            *block_size,
+            *accuracy_level,
+        )?),
         Conv(a) => one(linalg::conv(ins, a)?),
         ConvTranspose {
             conv,

@@ -155,6 +155,7 @@ pub fn matmul_nbits(
     n: usize,
     bits: usize,
     block: usize,
+    accuracy_level: usize,
 ) -> KResult<Tensor> {
     let a = input(ins, 0)?;
     let b = input(ins, 1)?;
@@ -205,6 +206,33 @@ pub fn matmul_nbits(
             Box::new(move |row, blk| zf[row * nblk + blk])
         }
     };
+    if crate::ir::int8_activations(k, bits, block, accuracy_level) {
+        let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
+        let m = a.numel() / k;
+        let code = |row: usize, kk: usize| {
+            let byte = bq[(row * nblk + kk / block) * blob + (kk % block) / 2];
+            ((byte >> (4 * (kk % 2))) & 15) as i32
+        };
+        let mut outf = vec![0f64; m * n];
+        for r in 0..m {
+            let (qa, sa, sums) = quantize_activation_row(&av[r * k..][..k], block);
+            for col in 0..n {
+                let mut acc = 0f32;
+                for g in 0..nblk {
+                    let dot: i32 = (g * block..((g + 1) * block).min(k))
+                        .map(|kk| code(col, kk) * qa[kk] as i32)
+                        .sum();
+                    let zp = zp_at(col, g) as f32;
+                    let sw = scales[col * nblk + g] as f32;
+                    acc += (dot as f32 - zp * sums[g]) * (sw * sa[g]);
+                }
+                outf[r * n + col] = acc as f64 + bias.as_ref().map_or(0.0, |bv| bv[col]);
+            }
+        }
+        let mut shape = a.shape.clone();
+        *shape.last_mut().expect("rank >= 1") = n;
+        return Ok(float_tensor(a.dtype(), shape, outf));
+    }
     let mut w = vec![0f32; n * k];
     for row in 0..n {
         for blk in 0..nblk {
@@ -235,6 +263,31 @@ pub fn matmul_nbits(
     let mut shape = a.shape.clone();
     *shape.last_mut().expect("rank >= 1") = n;
     Ok(float_tensor(a.dtype(), shape, outf))
+}
+
+/// One row of activations quantized to int8 per block of `block` values (the last one may be
+/// shorter) as MatMulNBits with
+/// int8 activations defines it ([`crate::ir::int8_activations`]): codes, the scale of each
+/// block and the sum of each block's codes (as f32, exact).
+pub fn quantize_activation_row(a: &[f32], block: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    let blocks = a.len().div_ceil(block);
+    let mut codes = vec![0i8; a.len()];
+    let mut scales = vec![0f32; blocks];
+    let mut sums = vec![0f32; blocks];
+    for g in 0..blocks {
+        let x = &a[g * block..((g + 1) * block).min(a.len())];
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        scales[g] = amax / 127.0;
+        let mut sum = 0f32;
+        for (i, v) in x.iter().enumerate() {
+            let q = (v * inv).round_ties_even().clamp(-127.0, 127.0);
+            codes[g * block + i] = q as i8;
+            sum += q;
+        }
+        sums[g] = sum;
+    }
+    (codes, scales, sums)
 }
 
 #[cfg(test)]
@@ -272,6 +325,7 @@ mod tests {
             n,
             4,
             block,
+            0,
         )
         .unwrap();
         assert_eq!(got.shape, vec![m, n]);
@@ -324,7 +378,7 @@ mod tests {
         let bt = Tensor::from_vec(vec![n, nblk, block / 2], b_packed);
         let s_flat = Tensor::from_vec(vec![n * nblk], scales);
         let via_nbits =
-            matmul_nbits(&[Some(&a), Some(&bt), Some(&s_flat)], k, n, 4, block).unwrap();
+            matmul_nbits(&[Some(&a), Some(&bt), Some(&s_flat)], k, n, 4, block, 0).unwrap();
         let (x, y) = (
             via_dq.as_slice::<f32>().unwrap(),
             via_nbits.as_slice::<f32>().unwrap(),
@@ -332,5 +386,37 @@ mod tests {
         for (u, v) in x.iter().zip(y) {
             assert!((u - v).abs() < 1e-4, "{u} vs {v}");
         }
+    }
+
+    /// Accuracy level 4 (int8 activations) stays within the activation quantization error of
+    /// the f32 product, and an all-zero block of A quantizes to zeros (no division by zero).
+    #[test]
+    fn int8_activations_are_close_to_f32_and_handle_zero_blocks() {
+        let (m, k, n, block) = (2usize, 64usize, 3usize, 32usize);
+        let nblk = k / block;
+        let q: Vec<u8> = (0..n * k).map(|i| ((i * 7 + 3) % 16) as u8).collect();
+        let b_packed: Vec<u8> = (0..n).flat_map(|r| pack4(&q[r * k..(r + 1) * k])).collect();
+        let bt = Tensor::from_vec(vec![n, nblk, block / 2], b_packed);
+        let st = Tensor::from_vec(vec![n * nblk], vec![0.02f32; n * nblk]);
+        // Row 0: one zero block then values; row 1: values everywhere.
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| if i < block { 0.0 } else { ((i * 37 % 101) as f32 - 50.0) * 0.013 })
+            .collect();
+        let at = Tensor::from_vec(vec![m, k], a);
+        let ins = [Some(&at), Some(&bt), Some(&st)];
+        let f32_path = matmul_nbits(&ins, k, n, 4, block, 0).unwrap();
+        let int8_path = matmul_nbits(&ins, k, n, 4, block, 4).unwrap();
+        let (x, y) = (
+            f32_path.as_slice::<f32>().unwrap(),
+            int8_path.as_slice::<f32>().unwrap(),
+        );
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (u, v) in x.iter().zip(y) {
+            assert!(v.is_finite());
+            assert!((u - v).abs() <= 0.01 * scale, "{u} vs {v}");
+            assert_ne!(u, v, "int8 activations should round somewhere");
+        }
+        let (codes, scales, sums) = quantize_activation_row(&[0.0; 8], 8);
+        assert_eq!((codes, scales, sums), (vec![0; 8], vec![0.0], vec![0.0]));
     }
 }

@@ -321,11 +321,14 @@ pub enum Op {
     },
     MatMulInteger,
     /// com.microsoft MatMulNBits: B is packed `bits`-bit [N, K/block, block*bits/8].
+    /// `accuracy_level` 4 asks for int8 activations (see [`int8_activations`]); other levels
+    /// compute in f32.
     MatMulNBits {
         k: usize,
         n: usize,
         bits: usize,
         block_size: usize,
+        accuracy_level: usize,
     },
     Conv(ConvAttrs),
     ConvTranspose {
@@ -616,4 +619,23 @@ impl Op {
             Op::DynamicQuantizeLinear => "DynamicQuantizeLinear",
         }
     }
+}
+
+/// The accuracy level of MatMulNBits that computes with int8 activations (onnxruntime's
+/// `accuracy_level` 4, "int8 compute").
+pub const ACCURACY_LEVEL_INT8: usize = 4;
+
+/// Whether a MatMulNBits computes with int8 activations: accuracy level 4, 4-bit weights, and
+/// K and the block size multiples of 8. Each row of A is then quantized per block of
+/// `block_size` values (the last block of a row may be shorter), symmetrically: `sa = max|a| / 127`, `qa = round(a * (127 /
+/// max|a|))` (half to even, in -127..=127, 0 for an all-zero block), and each output is
+/// `sum over blocks of (dot(qw, qa) - zp * sum(qa)) * (sw * sa)` accumulated in f32 block by
+/// block, the integer dot product exact in i32. The reference interpreter and every kernel
+/// compute exactly this; any other MatMulNBits computes in f32 with dequantized weights.
+pub fn int8_activations(k: usize, bits: usize, block_size: usize, accuracy_level: usize) -> bool {
+    accuracy_level == ACCURACY_LEVEL_INT8
+        && bits == 4
+        && block_size >= 8
+        && block_size.is_multiple_of(8)
+        && k.is_multiple_of(8)
 }

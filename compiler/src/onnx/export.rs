@@ -55,6 +55,7 @@ fn typed_node(op: &Op) -> Option<(&'static str, &'static str, Vec<proto::Attribu
             n,
             bits,
             block_size,
+            accuracy_level,
         } => (
             "com.microsoft",
             "MatMulNBits",
@@ -63,6 +64,7 @@ fn typed_node(op: &Op) -> Option<(&'static str, &'static str, Vec<proto::Attribu
                 int_attr("N", *n as i64),
                 int_attr("bits", *bits as i64),
                 int_attr("block_size", *block_size as i64),
+                int_attr("accuracy_level", *accuracy_level as i64),
             ],
         ),
         Op::Cast { to, saturate } => {

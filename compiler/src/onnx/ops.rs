@@ -200,6 +200,7 @@ pub fn parse_op(domain: &str, op_type: &str, ver: i64, a: &Attrs) -> Result<Op, 
                     n: a.usize("N", 0)?,
                     bits,
                     block_size: a.usize("block_size", 32)?,
+                    accuracy_level: a.usize("accuracy_level", 0)?,
                 })
             }
             _ => Err(OpError::Unsupported),

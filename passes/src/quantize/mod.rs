@@ -590,6 +590,10 @@ pub struct QuantizeOptions {
     pub overrides: Vec<(Glob, Precision)>,
     /// AWQ input-channel scales by node name (from calibration); empty for plain RTN.
     pub awq_scales: HashMap<String, Vec<f32>>,
+    /// Mark the quantized products to compute with int8 activations (MatMulNBits accuracy
+    /// level 4, see `kiln_compiler::ir::int8_activations`); 4-bit layers whose K is not a
+    /// whole number of groups keep f32 activations.
+    pub int8_activations: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -601,6 +605,7 @@ impl Default for QuantizeOptions {
             exclusions: ExclusionOptions::default(),
             overrides: Vec::new(),
             awq_scales: HashMap::new(),
+            int8_activations: false,
         }
     }
 }
@@ -799,6 +804,11 @@ impl QuantizeWeights {
                     n: nn,
                     bits,
                     block_size: o.group_size,
+                    accuracy_level: if o.int8_activations {
+                        kiln_compiler::ir::ACCURACY_LEVEL_INT8
+                    } else {
+                        0
+                    },
                 },
                 inputs: vec![Some(a_in), Some(b), Some(scales), zp, None, bias],
                 outputs: vec![out],

@@ -5,6 +5,7 @@
 
 mod conv;
 mod quant;
+mod quant_int8;
 mod scan;
 
 use crate::loop_ir::*;
@@ -538,7 +539,8 @@ impl<'g> Lowerer<'g> {
                 n: cols,
                 bits,
                 block_size,
-            } => self.matmul_nbits(n, *k, *cols, *bits, *block_size),
+                accuracy_level,
+            } => self.matmul_nbits(n, *k, *cols, *bits, *block_size, *accuracy_level),
             Unary(_)
             | Binary(_)
             | Variadic(_)

@@ -118,7 +118,8 @@ impl Lowerer<'_> {
         self.p.buffers.len() - 1
     }
 
-    /// MatMulNBits (4 or 8 bits) as one fused kernel over repacked weights.
+    /// MatMulNBits (4 or 8 bits) as one fused kernel over repacked weights, or, with int8
+    /// activations, a quantization kernel for A and an integer dot-product kernel.
     pub(super) fn matmul_nbits(
         &mut self,
         n: &Node,
@@ -126,7 +127,11 @@ impl Lowerer<'_> {
         nn: usize,
         bits: usize,
         block: usize,
+        accuracy_level: usize,
     ) -> R<()> {
+        if kiln_compiler::ir::int8_activations(kk, bits, block, accuracy_level) {
+            return self.matmul_nbits_int8(n, kk, nn, block);
+        }
         if bits != 4 && bits != 8 {
             return Err(format!(
                 "MatMulNBits with {bits} bits is not supported by codegen (4 or 8 bits)"
@@ -154,67 +159,16 @@ impl Lowerer<'_> {
         let full_blocks = kk / block;
         let half = block / 2;
         let tail_pairs = (kk - full_blocks * block) / 2;
-        let b = self.const_input(n, 1, "B")?;
-        let b_bytes = b.to_le_bytes();
-        let blob = block * bits / 8;
-        if b.dtype() != DType::U8 || b_bytes.len() != nn * nblk * blob {
-            return Err(format!(
-                "B must be {} uint8 bytes, got {} of {}",
-                nn * nblk * blob,
-                b_bytes.len(),
-                b.dtype()
-            ));
-        }
-        let scales_t = self.const_input(n, 2, "scales")?;
-        let half_scales = scales_t.dtype() == DType::F16;
-        let scale_bits = scales_t.to_le_bytes();
-        let scales = scales_t.to_f64_vec();
-        if scales.len() != nn * nblk {
-            return Err(format!(
-                "expected {} scales, got {}",
-                nn * nblk,
-                scales.len()
-            ));
-        }
-        let has_zero_points = n.inputs.get(3).copied().flatten().is_some();
+        let NBitsOperands {
+            b_bytes,
+            blob,
+            half_scales,
+            scale_bits,
+            scales,
+            has_zero_points,
+            zero_points,
+        } = self.nbits_operands(n, nn, nblk, bits, block)?;
         let default_zero_point = (1u32 << (bits - 1)) as f64;
-        let zero_points: Vec<f64> = match n.inputs.get(3).copied().flatten() {
-            None => vec![default_zero_point; nn * nblk],
-            Some(_) => {
-                let z = self.const_input(n, 3, "zero_points")?;
-                if z.dtype() == DType::U8 {
-                    let zb = z.to_le_bytes();
-                    let per_row = (nblk * bits).div_ceil(8);
-                    if zb.len() != nn * per_row {
-                        return Err(format!(
-                            "expected {} packed zero-point bytes, got {}",
-                            nn * per_row,
-                            zb.len()
-                        ));
-                    }
-                    (0..nn * nblk)
-                        .map(|i| {
-                            let (row, g) = (i / nblk, i % nblk);
-                            if bits == 8 {
-                                zb[row * per_row + g] as f64
-                            } else {
-                                ((zb[row * per_row + g / 2] >> (4 * (g % 2))) & 15) as f64
-                            }
-                        })
-                        .collect()
-                } else {
-                    let zf = z.to_f64_vec();
-                    if zf.len() != nn * nblk {
-                        return Err(format!(
-                            "expected {} zero points, got {}",
-                            nn * nblk,
-                            zf.len()
-                        ));
-                    }
-                    zf
-                }
-            }
-        };
         // Repack: nibble bytes [N, K/2] -> [K/2, N]; scales and zero points [blocks, N]: f16
         // scales keep their bits (widened per block in the kernel), f32 ones stay f32; integer
         // zero points become bytes, absent ones the constant 8.
@@ -460,5 +414,102 @@ impl Lowerer<'_> {
         });
         self.p.steps.push(Step { kernel: k, args });
         Ok(())
+    }
+}
+
+/// The constant operands of a MatMulNBits, checked and decoded.
+pub(super) struct NBitsOperands {
+    /// B as stored: `[N, blocks, blob]`.
+    pub(super) b_bytes: Vec<u8>,
+    /// Bytes per block of one column.
+    pub(super) blob: usize,
+    pub(super) half_scales: bool,
+    /// The scales' raw bytes (f16 or f32) and their values, `[N, blocks]`.
+    pub(super) scale_bits: Vec<u8>,
+    pub(super) scales: Vec<f64>,
+    pub(super) has_zero_points: bool,
+    /// Zero points `[N, blocks]` (the default `2^(bits-1)` when absent).
+    pub(super) zero_points: Vec<f64>,
+}
+
+impl Lowerer<'_> {
+    pub(super) fn nbits_operands(
+        &self,
+        n: &Node,
+        nn: usize,
+        nblk: usize,
+        bits: usize,
+        block: usize,
+    ) -> R<NBitsOperands> {
+        let b = self.const_input(n, 1, "B")?;
+        let b_bytes = b.to_le_bytes();
+        let blob = block * bits / 8;
+        if b.dtype() != DType::U8 || b_bytes.len() != nn * nblk * blob {
+            return Err(format!(
+                "B must be {} uint8 bytes, got {} of {}",
+                nn * nblk * blob,
+                b_bytes.len(),
+                b.dtype()
+            ));
+        }
+        let scales_t = self.const_input(n, 2, "scales")?;
+        let half_scales = scales_t.dtype() == DType::F16;
+        let scale_bits = scales_t.to_le_bytes();
+        let scales = scales_t.to_f64_vec();
+        if scales.len() != nn * nblk {
+            return Err(format!(
+                "expected {} scales, got {}",
+                nn * nblk,
+                scales.len()
+            ));
+        }
+        let has_zero_points = n.inputs.get(3).copied().flatten().is_some();
+        let default_zero_point = (1u32 << (bits - 1)) as f64;
+        let zero_points: Vec<f64> = match n.inputs.get(3).copied().flatten() {
+            None => vec![default_zero_point; nn * nblk],
+            Some(_) => {
+                let z = self.const_input(n, 3, "zero_points")?;
+                if z.dtype() == DType::U8 {
+                    let zb = z.to_le_bytes();
+                    let per_row = (nblk * bits).div_ceil(8);
+                    if zb.len() != nn * per_row {
+                        return Err(format!(
+                            "expected {} packed zero-point bytes, got {}",
+                            nn * per_row,
+                            zb.len()
+                        ));
+                    }
+                    (0..nn * nblk)
+                        .map(|i| {
+                            let (row, g) = (i / nblk, i % nblk);
+                            if bits == 8 {
+                                zb[row * per_row + g] as f64
+                            } else {
+                                ((zb[row * per_row + g / 2] >> (4 * (g % 2))) & 15) as f64
+                            }
+                        })
+                        .collect()
+                } else {
+                    let zf = z.to_f64_vec();
+                    if zf.len() != nn * nblk {
+                        return Err(format!(
+                            "expected {} zero points, got {}",
+                            nn * nblk,
+                            zf.len()
+                        ));
+                    }
+                    zf
+                }
+            }
+        };
+        Ok(NBitsOperands {
+            b_bytes,
+            blob,
+            half_scales,
+            scale_bits,
+            scales,
+            has_zero_points,
+            zero_points,
+        })
     }
 }

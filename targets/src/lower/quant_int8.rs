@@ -1,0 +1,465 @@
+//! Lowering of MatMulNBits with int8 activations (accuracy level 4; the arithmetic is fixed by
+//! `kiln_compiler::ir::int8_activations`). Two kernels: the first quantizes each row of A per
+//! block (codes, scale and code sum per block, in workspace buffers); the second streams the
+//! 4-bit weights and accumulates integer dot products of weight and activation bytes
+//! ([`BinOp::DotBytes`]: `pmaddubsw` + `pmaddwd` on x86-64, `sdot` with dotprod), turning each
+//! block's i32 sum into f32 with the zero-point correction and the two scales.
+//!
+//! Weights are repacked at compile time for streaming: columns go in groups of four (the
+//! vector lanes), and each group's weights, scales and zero points are contiguous, so a
+//! thread walks its columns' bytes front to back. Within a group, one 32-bit word per column
+//! holds eight consecutive rows of K: byte `b` carries row `8o + b` in its low nibble and row
+//! `8o + 4 + b` in its high one, so masking the low nibbles of four words (one vector) gives
+//! rows `8o..8o+4` of four columns as bytes, against which one broadcast word of four
+//! activation bytes is dotted, and shifting by 4 gives the next four rows.
+
+use super::quant::f16_to_f32;
+use super::{BufKind, Buffer, Lowerer, Step, R};
+use crate::loop_ir::*;
+use kiln_compiler::ir::{Node, ValueId};
+
+/// Rows of K per 32-bit weight word (two nibbles in each of its four bytes).
+const ROWS_PER_WORD: usize = 8;
+
+impl Lowerer<'_> {
+    /// MatMulNBits with 4-bit weights and int8 activations (K and the block size multiples of
+    /// 8: the caller checked `int8_activations`). A last block shorter than `block` is
+    /// handled after the loop over whole blocks.
+    pub(super) fn matmul_nbits_int8(
+        &mut self,
+        n: &Node,
+        kk: usize,
+        nn: usize,
+        block: usize,
+    ) -> R<()> {
+        if n.inputs.get(4).copied().flatten().is_some() {
+            return Err("MatMulNBits g_idx is not supported by codegen".into());
+        }
+        let a: ValueId = n.inputs[0].ok_or("missing A")?;
+        if self.scalar(a)? != Scalar::F32 {
+            return Err("MatMulNBits is only lowered for f32 activations".into());
+        }
+        let ash = self.shape(a)?;
+        if ash.last() != Some(&kk) {
+            return Err(format!("A's last dim is not K={kk}"));
+        }
+        let m: usize = ash.iter().product::<usize>() / kk;
+        let nblk = kk.div_ceil(block);
+        let (full_blocks, tail) = (kk / block, kk % block);
+        let ops = self.nbits_operands(n, nn, nblk, 4, block)?;
+        // Columns per group: the vector lanes, or 1 (scalar code) when N is not a multiple.
+        let width = if nn.is_multiple_of(4) { 4 } else { 1 };
+        let words_per_col = kk / ROWS_PER_WORD;
+        let code = |col: usize, row: usize| -> u8 {
+            let byte = ops.b_bytes[(col * nblk + row / block) * ops.blob + (row % block) / 2];
+            (byte >> (4 * (row % 2))) & 15
+        };
+        let mut words = vec![0u8; nn * words_per_col * 4];
+        for col in 0..nn {
+            for o in 0..words_per_col {
+                let at = (((col / width) * words_per_col + o) * width + col % width) * 4;
+                for b in 0..4 {
+                    let row = o * ROWS_PER_WORD + b;
+                    words[at + b] = code(col, row) | (code(col, row + 4) << 4);
+                }
+            }
+        }
+        // Per-block tables in the same grouped order: [N / width, blocks, width].
+        let grouped = |col: usize, g: usize| ((col / width) * nblk + g) * width + col % width;
+        let mut scale_bytes = vec![0u8; nn * nblk * if ops.half_scales { 2 } else { 4 }];
+        let mut zero_points = vec![0u8; nn * nblk];
+        let mut float_zero_points = vec![0u8; nn * nblk * 4];
+        let byte_zero_points = ops
+            .zero_points
+            .iter()
+            .all(|&z| z.fract() == 0.0 && (0.0..=255.0).contains(&z));
+        for col in 0..nn {
+            for g in 0..nblk {
+                let (from, to) = (col * nblk + g, grouped(col, g));
+                if ops.half_scales {
+                    scale_bytes[to * 2..][..2].copy_from_slice(&ops.scale_bits[from * 2..][..2]);
+                } else {
+                    let s = ops.scales[from] as f32;
+                    scale_bytes[to * 4..][..4].copy_from_slice(&s.to_le_bytes());
+                }
+                zero_points[to] = ops.zero_points[from] as u8;
+                float_zero_points[to * 4..][..4]
+                    .copy_from_slice(&(ops.zero_points[from] as f32).to_le_bytes());
+            }
+        }
+        let scale_scalar = if ops.half_scales {
+            Scalar::F16
+        } else {
+            Scalar::F32
+        };
+        let scale_specials = ops.half_scales && super::quant::has_f16_specials(&ops.scale_bits);
+        let wb = self.weight_buffer(
+            format!("{}.codes", n.name),
+            Scalar::I32,
+            nn * words_per_col,
+            words,
+        );
+        let sb = self.weight_buffer(
+            format!("{}.scales", n.name),
+            scale_scalar,
+            nn * nblk,
+            scale_bytes,
+        );
+        let (zp_scalar, zp_bytes) = if byte_zero_points {
+            (Scalar::U8, zero_points)
+        } else {
+            (Scalar::F32, float_zero_points)
+        };
+        let zb = self.weight_buffer(
+            format!("{}.zero_points", n.name),
+            zp_scalar,
+            nn * nblk,
+            zp_bytes,
+        );
+        let ab = self.buffer(a)?;
+        let temp = |me: &mut Self, what: &str, scalar: Scalar, len: usize| {
+            me.p.buffers.push(Buffer {
+                name: format!("{}.{what}", n.name),
+                scalar,
+                len,
+                kind: BufKind::Temp,
+            });
+            me.p.buffers.len() - 1
+        };
+        let qa = temp(self, "a_codes", Scalar::I8, m * kk);
+        let qa_scales = temp(self, "a_scales", Scalar::F32, m * nblk);
+        let qa_sums = temp(self, "a_sums", Scalar::F32, m * nblk);
+        self.quantize_activations(&n.name, ab, [qa, qa_scales, qa_sums], m, kk, block);
+
+        let bias = match n.inputs.get(5).copied().flatten() {
+            Some(bv) => {
+                let bb = self.buffer(bv)?;
+                if self.p.buffers[bb].len != nn || self.p.buffers[bb].scalar != Scalar::F32 {
+                    return Err("bias must be f32 [N]".into());
+                }
+                Some(bb)
+            }
+            None => None,
+        };
+        let dst = self.out_buffer(n.outputs[0])?;
+        if self.p.buffers[dst].len != m * nn {
+            return Err("output size is not M x N".into());
+        }
+
+        let mut k = Kernel::new(&n.name);
+        let mut args = vec![qa, wb, sb, zb, qa_scales, qa_sums];
+        let qp = k.param("a_codes", Scalar::I32, m * kk / 4, false);
+        let wp = k.param("codes", Scalar::I32, nn * words_per_col, false);
+        let sp = k.param("scales", scale_scalar, nn * nblk, false);
+        let zp = k.param("zero_points", zp_scalar, nn * nblk, false);
+        let asp = k.param("a_scales", Scalar::F32, m * nblk, false);
+        let ssp = k.param("a_sums", Scalar::F32, m * nblk, false);
+        let bp = bias.map(|bb| {
+            args.push(bb);
+            k.param("bias", Scalar::F32, nn, false)
+        });
+        args.push(dst);
+        let yp = k.param("y", Scalar::F32, m * nn, true);
+        // Rows of A sharing each weight vector: two locals per row (the block's i32 sum and
+        // the f32 total) plus the word and its two nibble halves fit 16 SSE registers at 4.
+        let rows = [4usize, 2, 1]
+            .into_iter()
+            .find(|r| m.is_multiple_of(*r))
+            .unwrap_or(1);
+        let sums: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::I32)).collect();
+        let totals: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
+        let (word, lo, hi) = (
+            k.new_var(Scalar::I32),
+            k.new_var(Scalar::I32),
+            k.new_var(Scalar::I32),
+        );
+        let i64c = |v: usize| Expr::i64(v as i64);
+        let i32c = |v: i32| Expr::Const(Const::I32(v));
+        let block_words = block / ROWS_PER_WORD;
+        k.body = nest(&mut k, &[nn / width, m / rows, width], |k, v| {
+            let (group, row_block, lane) = (v[0], v[1], v[2]);
+            let col = Expr::add(Expr::mul(Expr::var(group), i64c(width)), Expr::var(lane));
+            let row = |r: usize| Expr::add(Expr::mul(Expr::var(row_block), i64c(rows)), i64c(r));
+            // The statements of block `g` (`words` weight words per column).
+            let block_stmts = |k: &mut Kernel, g: Expr, words: usize| -> Vec<Stmt> {
+                let o = k.new_var(Scalar::I64);
+                let table_at = Expr::add(
+                    Expr::mul(
+                        Expr::add(Expr::mul(Expr::var(group), i64c(nblk)), g.clone()),
+                        i64c(width),
+                    ),
+                    Expr::var(lane),
+                );
+                let word_at = Expr::add(
+                    Expr::mul(
+                        Expr::add(
+                            Expr::mul(Expr::var(group), i64c(words_per_col)),
+                            Expr::add(Expr::mul(g.clone(), i64c(block_words)), Expr::var(o)),
+                        ),
+                        i64c(width),
+                    ),
+                    Expr::var(lane),
+                );
+                // Word of four activation bytes: rows 8o + 4 * half .. + 4 of block g.
+                let act_word = |r: usize, half: usize| {
+                    Expr::load(
+                        qp,
+                        Expr::add(
+                            Expr::add(
+                                Expr::mul(row(r), i64c(kk / 4)),
+                                Expr::mul(g.clone(), i64c(block / 4)),
+                            ),
+                            Expr::add(Expr::mul(Expr::var(o), i64c(2)), i64c(half)),
+                        ),
+                    )
+                };
+                let mut inner = vec![
+                    Stmt::Assign {
+                        var: word,
+                        value: Expr::load(wp, word_at),
+                    },
+                    Stmt::Assign {
+                        var: lo,
+                        value: Expr::bin(BinOp::And, Expr::var(word), i32c(0x0f0f_0f0f)),
+                    },
+                    Stmt::Assign {
+                        var: hi,
+                        value: Expr::bin(
+                            BinOp::And,
+                            Expr::bin(BinOp::Shr, Expr::var(word), i32c(4)),
+                            i32c(0x0f0f_0f0f),
+                        ),
+                    },
+                ];
+                for (r, &sum) in sums.iter().enumerate() {
+                    let low = Expr::bin(
+                        BinOp::Add,
+                        Expr::var(sum),
+                        Expr::bin(BinOp::DotBytes, Expr::var(lo), act_word(r, 0)),
+                    );
+                    inner.push(Stmt::Assign {
+                        var: sum,
+                        value: Expr::bin(
+                            BinOp::Add,
+                            low,
+                            Expr::bin(BinOp::DotBytes, Expr::var(hi), act_word(r, 1)),
+                        ),
+                    });
+                }
+                let scale = if scale_scalar == Scalar::F16 {
+                    f16_to_f32(Expr::load(sp, table_at.clone()), scale_specials)
+                } else {
+                    Expr::load(sp, table_at.clone())
+                };
+                let zero_point = if zp_scalar == Scalar::U8 {
+                    Expr::cast(
+                        Scalar::F32,
+                        Expr::cast(Scalar::I32, Expr::load(zp, table_at)),
+                    )
+                } else {
+                    Expr::load(zp, table_at)
+                };
+                let a_table = |buf: usize, r: usize| {
+                    Expr::load(buf, Expr::add(Expr::mul(row(r), i64c(nblk)), g.clone()))
+                };
+                let mut stmts: Vec<Stmt> = sums
+                    .iter()
+                    .map(|&sum| Stmt::Assign {
+                        var: sum,
+                        value: i32c(0),
+                    })
+                    .collect();
+                stmts.push(Stmt::Loop {
+                    var: o,
+                    extent: words,
+                    kind: LoopKind::Serial,
+                    body: inner,
+                });
+                for (r, (&sum, &total)) in sums.iter().zip(&totals).enumerate() {
+                    // (dot - zp * sum(qa)) * (sw * sa), in the order the interpreter uses.
+                    let corrected = Expr::sub(
+                        Expr::cast(Scalar::F32, Expr::var(sum)),
+                        Expr::mul(zero_point.clone(), a_table(ssp, r)),
+                    );
+                    let scaled =
+                        Expr::mul(corrected, Expr::mul(scale.clone(), a_table(asp, r)));
+                    stmts.push(Stmt::Assign {
+                        var: total,
+                        value: Expr::add(Expr::var(total), scaled),
+                    });
+                }
+                stmts
+            };
+            let mut body: Vec<Stmt> = totals
+                .iter()
+                .map(|&t| Stmt::Assign {
+                    var: t,
+                    value: Expr::f32(0.0),
+                })
+                .collect();
+            if full_blocks > 0 {
+                let g = k.new_var(Scalar::I64);
+                let per_block = block_stmts(k, Expr::var(g), block_words);
+                body.push(Stmt::Loop {
+                    var: g,
+                    extent: full_blocks,
+                    kind: LoopKind::Serial,
+                    body: per_block,
+                });
+            }
+            if tail > 0 {
+                body.extend(block_stmts(k, i64c(full_blocks), tail / ROWS_PER_WORD));
+            }
+            for (r, &total) in totals.iter().enumerate() {
+                let mut value = Expr::var(total);
+                if let Some(bp) = bp {
+                    value = Expr::add(value, Expr::load(bp, col.clone()));
+                }
+                body.push(Stmt::Store {
+                    buf: yp,
+                    index: Expr::add(Expr::mul(row(r), i64c(nn)), col.clone()),
+                    value,
+                });
+            }
+            body
+        });
+        self.p.steps.push(Step { kernel: k, args });
+        Ok(())
+    }
+
+    /// The kernel that quantizes A (`m` rows of `kk`) per block to int8 codes, block scales
+    /// and block code sums (`outs`), as `kiln_compiler::ir::int8_activations` defines them.
+    fn quantize_activations(
+        &mut self,
+        name: &str,
+        a: usize,
+        outs: [usize; 3],
+        m: usize,
+        kk: usize,
+        block: usize,
+    ) {
+        let nblk = kk.div_ceil(block);
+        let (full_blocks, tail) = (kk / block, kk % block);
+        let mut k = Kernel::new(format!("{name}.quantize_a"));
+        let ap = k.param("a", Scalar::F32, m * kk, false);
+        let qp = k.param("a_codes", Scalar::I8, m * kk, true);
+        let sp = k.param("a_scales", Scalar::F32, m * nblk, true);
+        let cp = k.param("a_sums", Scalar::F32, m * nblk, true);
+        let (amax, inv, q, sum) = (
+            k.new_var(Scalar::F32),
+            k.new_var(Scalar::F32),
+            k.new_var(Scalar::F32),
+            k.new_var(Scalar::F32),
+        );
+        let i64c = |v: usize| Expr::i64(v as i64);
+        k.body = nest(&mut k, &[m], |k, v| {
+            let r = v[0];
+            // Block `g` of row `r`, `len` values long.
+            let block_stmts = |k: &mut Kernel, g: Expr, len: usize| -> Vec<Stmt> {
+                let (i, j) = (k.new_var(Scalar::I64), k.new_var(Scalar::I64));
+                let at = |x: VarId| {
+                    Expr::add(
+                        Expr::add(
+                            Expr::mul(Expr::var(r), i64c(kk)),
+                            Expr::mul(g.clone(), i64c(block)),
+                        ),
+                        Expr::var(x),
+                    )
+                };
+                let table_at = Expr::add(Expr::mul(Expr::var(r), i64c(nblk)), g.clone());
+                vec![
+                    Stmt::Assign {
+                        var: amax,
+                        value: Expr::f32(0.0),
+                    },
+                    Stmt::Loop {
+                        var: i,
+                        extent: len,
+                        kind: LoopKind::Serial,
+                        body: vec![Stmt::Assign {
+                            var: amax,
+                            value: Expr::max(
+                                Expr::var(amax),
+                                Expr::un(UnOp::Abs, Expr::load(ap, at(i))),
+                            ),
+                        }],
+                    },
+                    Stmt::Assign {
+                        var: inv,
+                        value: Expr::select(
+                            Expr::cmp(CmpOp::Gt, Expr::var(amax), Expr::f32(0.0)),
+                            Expr::div(Expr::f32(127.0), Expr::var(amax)),
+                            Expr::f32(0.0),
+                        ),
+                    },
+                    Stmt::Store {
+                        buf: sp,
+                        index: table_at.clone(),
+                        value: Expr::div(Expr::var(amax), Expr::f32(127.0)),
+                    },
+                    Stmt::Assign {
+                        var: sum,
+                        value: Expr::f32(0.0),
+                    },
+                    Stmt::Loop {
+                        var: j,
+                        extent: len,
+                        kind: LoopKind::Serial,
+                        body: vec![
+                            Stmt::Assign {
+                                var: q,
+                                value: Expr::min(
+                                    Expr::max(
+                                        Expr::un(
+                                            UnOp::Round,
+                                            Expr::mul(Expr::load(ap, at(j)), Expr::var(inv)),
+                                        ),
+                                        Expr::f32(-127.0),
+                                    ),
+                                    Expr::f32(127.0),
+                                ),
+                            },
+                            Stmt::Store {
+                                buf: qp,
+                                index: at(j),
+                                // Through i32: backends convert floats to 32 or 64 bits.
+                                value: Expr::cast(
+                                    Scalar::I8,
+                                    Expr::cast(Scalar::I32, Expr::var(q)),
+                                ),
+                            },
+                            Stmt::Assign {
+                                var: sum,
+                                value: Expr::add(Expr::var(sum), Expr::var(q)),
+                            },
+                        ],
+                    },
+                    Stmt::Store {
+                        buf: cp,
+                        index: table_at,
+                        value: Expr::var(sum),
+                    },
+                ]
+            };
+            let mut body = Vec::new();
+            if full_blocks > 0 {
+                let g = k.new_var(Scalar::I64);
+                let per_block = block_stmts(k, Expr::var(g), block);
+                body.push(Stmt::Loop {
+                    var: g,
+                    extent: full_blocks,
+                    kind: LoopKind::Serial,
+                    body: per_block,
+                });
+            }
+            if tail > 0 {
+                body.extend(block_stmts(k, i64c(full_blocks), tail));
+            }
+            body
+        });
+        self.p.steps.push(Step {
+            kernel: k,
+            args: vec![a, outs[0], outs[1], outs[2]],
+        });
+    }
+}
