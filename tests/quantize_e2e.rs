@@ -130,7 +130,10 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
         ("matvec", &["--k", "256", "--n", "64", "--m", "1"]),
         ("rows", &["--k", "128", "--n", "64", "--m", "8"]),
         ("partial_block", &["--k", "576", "--n", "64", "--m", "3"]),
-        ("odd_n_block32", &["--k", "200", "--n", "36", "--m", "2", "--block", "32"]),
+        (
+            "odd_n_block32",
+            &["--k", "200", "--n", "36", "--m", "2", "--block", "32"],
+        ),
     ];
     for (name, args) in cases {
         let case = dir.path().join(name);
@@ -141,13 +144,23 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
             .arg(&case)
             .output()
             .unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
         let model = case.join("model.onnx");
         let inputs_dir = case.join("test_data_set_0");
         let inputs = read_set(&inputs_dir, "input");
         let expected = interp::run(&load_model(&model).unwrap().graph, &inputs).unwrap();
         let ort = onnxruntime(&model, &inputs_dir, &case.join("ort"));
-        close(&format!("{name}: onnxruntime vs interpreter"), &ort, &expected, 1e-5, 1e-5);
+        close(
+            &format!("{name}: onnxruntime vs interpreter"),
+            &ort,
+            &expected,
+            1e-5,
+            1e-5,
+        );
         for target in ["x86_64", "aarch64-neon", "aarch64-neon-dotprod"] {
             let so = case.join(format!("{target}.so"));
             let r = kiln(&[

@@ -6,6 +6,10 @@
 //! `input_N.pb` files, also run through onnxruntime (`scripts/ort_bench.py`, embedded here and
 //! run by the test venv's Python) with the same thread count and run counts, so the two
 //! engines are measured in one invocation under the same conditions and compared by median.
+//! With `--memory` the machine's memory bandwidth is measured in the same invocation (a
+//! STREAM-like copy and a read of buffers far larger than the caches, split over the same
+//! threads), and the artifact's weight bytes per run over its median time are set against it:
+//! for a matrix-vector-bound model (an LLM generating a token) that ratio is the ceiling.
 
 use anyhow::{bail, Context, Result};
 use kiln_compiler::onnx::tensor_proto;
@@ -45,6 +49,10 @@ pub struct Args {
     /// Also time onnxruntime on this ONNX model with the same inputs.
     #[arg(long, value_name = "MODEL.onnx")]
     pub onnx: Option<PathBuf>,
+    /// Also measure memory bandwidth (copy and read of 256 MiB with the same threads) and
+    /// report the weight bytes streamed per second against it.
+    #[arg(long)]
+    pub memory: bool,
     /// Python with onnxruntime (default: $KILN_CACHE/venv/bin/python).
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
@@ -132,8 +140,25 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let peak = peak_rss_mib().map_or_else(|| "unknown".to_string(), |m| format!("{m} MiB"));
     println!("kiln: {}, peak RSS {peak}", kiln.line(threads));
 
+    let weight_bytes = if args.memory {
+        let (info, _) = super::inspect::model_info(&args.artifact)?;
+        let bytes = info
+            .iter()
+            .find(|(k, _)| k == "weight_bytes")
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .context("the artifact's model info has no weight_bytes")?;
+        println!(
+            "kiln weights: {:.2} GB/s ({bytes:.0} weight bytes per run / median)",
+            bytes / kiln.median / 1e6
+        );
+        Some(bytes)
+    } else {
+        None
+    };
+    let mut ort_median = None;
     if let Some(ort) = ort {
         let (stats, rss) = ort.run(threads, args.warmup, args.runs)?;
+        ort_median = Some(stats.median);
         let rss = rss
             .map(|m| format!(", peak RSS {m} MiB (Python process)"))
             .unwrap_or_default();
@@ -143,7 +168,87 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             kiln.median / stats.median
         );
     }
+    if let Some(bytes) = weight_bytes {
+        let bw = memory_bandwidth(threads);
+        println!(
+            "memory ({} MiB buffers, {threads} thread{}, best of {MEMORY_ROUNDS}): copy {:.2} GB/s (bytes read + written), read {:.2} GB/s",
+            MEMORY_BYTES >> 20,
+            if threads == 1 { "" } else { "s" },
+            bw.copy / 1e9,
+            bw.read / 1e9
+        );
+        let share = |median_ms: f64| bytes / (median_ms / 1e3) / bw.read * 100.0;
+        println!("kiln weights / read bandwidth: {:.0}%", share(kiln.median));
+        if let Some(m) = ort_median {
+            println!(
+                "onnxruntime weights: {:.2} GB/s, {:.0}% of read bandwidth",
+                bytes / m / 1e6,
+                share(m)
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Size of each buffer of the memory bandwidth measurement (far beyond any cache).
+const MEMORY_BYTES: usize = 256 << 20;
+/// Rounds of each measurement; the best one is reported, as STREAM does.
+const MEMORY_ROUNDS: usize = 5;
+
+struct Bandwidth {
+    /// Bytes read plus bytes written per second.
+    copy: f64,
+    /// Bytes read per second.
+    read: f64,
+}
+
+/// A STREAM-like measurement: `threads` threads each copy (then read) their share of two
+/// 256 MiB buffers; the best of a few rounds counts.
+fn memory_bandwidth(threads: usize) -> Bandwidth {
+    let words = MEMORY_BYTES / 8;
+    let src: Vec<u64> = (0..words as u64).collect();
+    let mut dst = vec![0u64; words];
+    let chunk = words.div_ceil(threads);
+    let mut best = Bandwidth {
+        copy: 0.0,
+        read: 0.0,
+    };
+    for _ in 0..MEMORY_ROUNDS {
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for (d, a) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                s.spawn(move || d.copy_from_slice(a));
+            }
+        });
+        best.copy = best
+            .copy
+            .max(2.0 * MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = src
+                .chunks(chunk)
+                .map(|a| s.spawn(move || read_all(a)))
+                .collect();
+            parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
+        });
+        best.read = best
+            .read
+            .max(MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64());
+        std::hint::black_box(total);
+    }
+    std::hint::black_box(&dst);
+    best
+}
+
+/// Sums a slice with independent accumulators, so that loads, not additions, bound it.
+fn read_all(a: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for c in a.chunks_exact(8) {
+        for (x, y) in acc.iter_mut().zip(c) {
+            *x = x.wrapping_add(*y);
+        }
+    }
+    acc.iter().fold(0, |s, x| s.wrapping_add(*x))
 }
 
 /// Warm-up and timed runs of the artifact in one session with `threads` threads.

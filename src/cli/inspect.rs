@@ -108,8 +108,8 @@ pub fn run(path: &Path, show_graph: bool, dims: &[String], shapes: bool) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Summarizes a compiled artifact from its `kiln_model_info` symbol.
-fn inspect_artifact(path: &Path) -> Result<ExitCode> {
+/// The `key value` lines of an artifact's `kiln_model_info` symbol, and the file's size.
+pub fn model_info(path: &Path) -> Result<(Vec<(String, String)>, usize)> {
     use object::{Object, ObjectSection, ObjectSymbol};
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*bytes)
@@ -134,8 +134,20 @@ fn inspect_artifact(path: &Path) -> Result<ExitCode> {
             std::str::from_utf8(data.get(start..end)?).ok()
         })
         .ok_or_else(|| anyhow::anyhow!("{}: unreadable model info", path.display()))?;
-    println!("artifact: {} ({} bytes)", path.display(), bytes.len());
-    for (key, value) in text.lines().filter_map(|l| l.split_once(' ')) {
+    let lines = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Ok((lines, bytes.len()))
+}
+
+/// Summarizes a compiled artifact from its `kiln_model_info` symbol.
+fn inspect_artifact(path: &Path) -> Result<ExitCode> {
+    let (info, size) = model_info(path)?;
+    println!("artifact: {} ({size} bytes)", path.display());
+    for (key, value) in &info {
+        let (key, value) = (key.as_str(), value.as_str());
         let count = || value.parse::<u64>().unwrap_or_default();
         match key {
             "kiln_model_info" => {}

@@ -933,8 +933,13 @@ impl KernelGen<'_, '_> {
                 op: BinOp::Add,
                 a: acc,
                 b: dot,
-            } if matches!(**dot, Expr::Bin { op: BinOp::DotBytes, .. })
-                && lane_class(self.operand_type(acc, dot)) == Scalar::I32 =>
+            } if matches!(
+                **dot,
+                Expr::Bin {
+                    op: BinOp::DotBytes,
+                    ..
+                }
+            ) && lane_class(self.operand_type(acc, dot)) == Scalar::I32 =>
             {
                 // acc + DotBytes(w, act): one accumulating dot product where the target has it.
                 let Expr::Bin { a: w, b: act, .. } = &**dot else {

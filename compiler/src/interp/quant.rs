@@ -400,7 +400,13 @@ mod tests {
         let st = Tensor::from_vec(vec![n * nblk], vec![0.02f32; n * nblk]);
         // Row 0: one zero block then values; row 1: values everywhere.
         let a: Vec<f32> = (0..m * k)
-            .map(|i| if i < block { 0.0 } else { ((i * 37 % 101) as f32 - 50.0) * 0.013 })
+            .map(|i| {
+                if i < block {
+                    0.0
+                } else {
+                    ((i * 37 % 101) as f32 - 50.0) * 0.013
+                }
+            })
             .collect();
         let at = Tensor::from_vec(vec![m, k], a);
         let ins = [Some(&at), Some(&bt), Some(&st)];
