@@ -489,7 +489,7 @@ pub fn check_quantization(q: &QuantSettings) -> Result<(), Invalid> {
         return invalid(
             "activations",
             format!(
-                "int8 activations need 4-bit weights (q4), not {}",
+                "int8 activations need 4-bit weights (mode q4, q4f16 or q4f32); these weights are {}",
                 q.precision.name()
             ),
         );

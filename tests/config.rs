@@ -380,6 +380,22 @@ fn bad_configs_are_one_line_errors_with_positions() {
             text: "quantization.method: method awq needs calibration data",
         },
         Bad {
+            name: "unknown activations",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: q4\n  activations: in8\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:16",
+            text: "quantization.activations: 'in8' is not one of f32, int8; did you mean 'int8'?",
+        },
+        Bad {
+            name: "int8 activations with 8-bit weights",
+            yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
+                   quantization:\n  mode: q8\n  activations: int8\noutput:\n  artifact: out/m.so\n",
+            args: &[],
+            at: "6:3",
+            text: "quantization.activations: int8 activations need 4-bit weights (mode q4, q4f16 or q4f32); these weights are int8",
+        },
+        Bad {
             name: "group size not a power of two",
             yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device: x86_64\n\
                    quantization:\n  group_size: 48\noutput:\n  artifact: out/m.so\n",
