@@ -1105,19 +1105,15 @@ impl Config {
                     }
                     "method" => {
                         let m = v.as_str().ok_or_else(|| wrong("rtn or awq", v))?;
-                        q.method = match m {
-                            "rtn" => QuantMethod::Rtn,
-                            "awq" => QuantMethod::Awq,
-                            other => return Err(bad_value(other.to_string(), &["rtn", "awq"])),
-                        };
+                        q.method =
+                            keyword(m, &[("rtn", QuantMethod::Rtn), ("awq", QuantMethod::Awq)])
+                                .map_err(|allowed| bad_value(m.to_string(), &allowed))?;
                     }
                     "activations" => {
                         let m = v.as_str().ok_or_else(|| wrong("f32 or int8", v))?;
-                        q.activations = match m {
-                            "f32" => Activations::F32,
-                            "int8" => Activations::Int8,
-                            other => return Err(bad_value(other.to_string(), &["f32", "int8"])),
-                        };
+                        q.activations =
+                            keyword(m, &[("f32", Activations::F32), ("int8", Activations::Int8)])
+                                .map_err(|allowed| bad_value(m.to_string(), &allowed))?;
                     }
                     "calibration" => match v {
                         Value::String(s) if !s.is_empty() => {
@@ -1258,22 +1254,20 @@ impl Config {
                 None => return Err(wrong("structured", v)),
             },
             "criterion" => {
-                p.options.criterion = match v.as_str() {
-                    Some("magnitude") => Criterion::Magnitude,
-                    Some("activation") => Criterion::Activation,
-                    Some(m) => {
-                        return Err(bad_value(&path, dotted, m, &["magnitude", "activation"]))
-                    }
-                    None => return Err(wrong("magnitude or activation", v)),
-                }
+                let m = v
+                    .as_str()
+                    .ok_or_else(|| wrong("magnitude or activation", v))?;
+                let table = [
+                    ("magnitude", Criterion::Magnitude),
+                    ("activation", Criterion::Activation),
+                ];
+                p.options.criterion = keyword(m, &table)
+                    .map_err(|allowed| bad_value(&path, dotted, m, &allowed))?;
             }
             "norm" => {
-                p.options.norm = match v.as_str() {
-                    Some("l1") => Norm::L1,
-                    Some("l2") => Norm::L2,
-                    Some(m) => return Err(bad_value(&path, dotted, m, &["l1", "l2"])),
-                    None => return Err(wrong("l1 or l2", v)),
-                }
+                let m = v.as_str().ok_or_else(|| wrong("l1 or l2", v))?;
+                p.options.norm = keyword(m, &[("l1", Norm::L1), ("l2", Norm::L2)])
+                    .map_err(|allowed| bad_value(&path, dotted, m, &allowed))?;
             }
             "ratios" => {
                 let Value::Mapping(m) = v else {
@@ -1824,6 +1818,15 @@ impl<'de> Visitor<'de> for KeyMatch<'_> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(false)
     }
+}
+
+/// The value a config keyword names in `table`, or every allowed keyword.
+fn keyword<T: Copy>(word: &str, table: &[(&'static str, T)]) -> Result<T, Vec<&'static str>> {
+    table
+        .iter()
+        .find(|(name, _)| *name == word)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| table.iter().map(|(name, _)| *name).collect())
 }
 
 #[cfg(test)]

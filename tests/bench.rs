@@ -80,6 +80,51 @@ fn bench_prints_the_kiln_line() {
     assert!(!r.stdout.contains("onnxruntime"), "{}", r.stdout);
 }
 
+/// `--memory`: the weight rate uses the artifact's weight bytes (as `kiln inspect` counts
+/// them), and the memory line and the share of read bandwidth are printed.
+#[test]
+fn bench_memory_reports_weight_rate_against_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = compile_tiny_llama(dir.path());
+    let r = kiln(&[
+        "bench",
+        so.to_str().unwrap(),
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--memory",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let line = |prefix: &str| line_of(&r.stdout, prefix).to_string();
+    let inspect = kiln(&["inspect", so.to_str().unwrap()]);
+    let weights: String = line_of(&inspect.stdout, "weights: ")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let rate = line("kiln weights: ");
+    assert!(
+        rate.contains(&format!("({weights} weight bytes per run / median)")),
+        "{rate}"
+    );
+    let memory = line("memory (256 MiB buffers");
+    let gbs = |key: &str| -> f64 {
+        let rest = &memory[memory.find(key).unwrap() + key.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(gbs("): copy ") > 0.0 && gbs(", read ") > 0.0, "{memory}");
+    assert!(line("kiln weights / read bandwidth: ").ends_with('%'));
+}
+
+fn line_of<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no '{prefix}' line in:\n{text}"))
+}
+
 #[test]
 fn bench_reads_inputs_dir() {
     let dir = tempfile::tempdir().unwrap();

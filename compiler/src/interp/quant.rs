@@ -206,13 +206,15 @@ pub fn matmul_nbits(
             Box::new(move |row, blk| zf[row * nblk + blk])
         }
     };
-    if crate::ir::int8_activations(k, bits, block, accuracy_level) {
-        let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
-        let m = a.numel() / k;
-        let code = |row: usize, kk: usize| {
-            let byte = bq[(row * nblk + kk / block) * blob + (kk % block) / 2];
-            ((byte >> (4 * (kk % 2))) & 15) as i32
-        };
+    // Code of row `kk` of K in output column `col`.
+    let code = |col: usize, kk: usize| {
+        let bitpos = (kk % block) * bits;
+        let byte = bq[(col * nblk + kk / block) * blob + bitpos / 8];
+        (byte >> (bitpos % 8)) & ((1u16 << bits) - 1) as u8
+    };
+    let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
+    let m = a.numel() / k;
+    let mut outf: Vec<f64> = if crate::ir::int8_activations(k, bits, block, accuracy_level) {
         let mut outf = vec![0f64; m * n];
         for r in 0..m {
             let (qa, sa, sums) = quantize_activation_row(&av[r * k..][..k], block);
@@ -220,41 +222,29 @@ pub fn matmul_nbits(
                 let mut acc = 0f32;
                 for g in 0..nblk {
                     let dot: i32 = (g * block..((g + 1) * block).min(k))
-                        .map(|kk| code(col, kk) * qa[kk] as i32)
+                        .map(|kk| code(col, kk) as i32 * qa[kk] as i32)
                         .sum();
                     let zp = zp_at(col, g) as f32;
                     let sw = scales[col * nblk + g] as f32;
                     acc += (dot as f32 - zp * sums[g]) * (sw * sa[g]);
                 }
-                outf[r * n + col] = acc as f64 + bias.as_ref().map_or(0.0, |bv| bv[col]);
+                outf[r * n + col] = acc as f64;
             }
         }
-        let mut shape = a.shape.clone();
-        *shape.last_mut().expect("rank >= 1") = n;
-        return Ok(float_tensor(a.dtype(), shape, outf));
-    }
-    let mut w = vec![0f32; n * k];
-    for row in 0..n {
-        for blk in 0..nblk {
-            let s = scales[row * nblk + blk];
-            let z = zp_at(row, blk);
-            let bytes = &bq[(row * nblk + blk) * blob..][..blob];
-            for j in 0..block {
-                let kk = blk * block + j;
-                if kk >= k {
-                    break;
-                }
-                let bitpos = j * bits;
-                let q = (bytes[bitpos / 8] >> (bitpos % 8)) & ((1u16 << bits) - 1) as u8;
-                w[row * k + kk] = ((q as f64 - z) * s) as f32;
+        outf
+    } else {
+        let mut w = vec![0f32; n * k];
+        for col in 0..n {
+            for kk in 0..k {
+                let blk = kk / block;
+                let (s, z) = (scales[col * nblk + blk], zp_at(col, blk));
+                w[col * k + kk] = ((code(col, kk) as f64 - z) * s) as f32;
             }
         }
-    }
-    let av: Vec<f32> = a.to_f64_vec().iter().map(|&x| x as f32).collect();
-    let m = a.numel() / k;
-    let mut out = vec![0f32; m * n];
-    sgemm(m, k, n, &av, k as isize, 1, &w, 1, k as isize, &mut out);
-    let mut outf: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+        let mut out = vec![0f32; m * n];
+        sgemm(m, k, n, &av, k as isize, 1, &w, 1, k as isize, &mut out);
+        out.iter().map(|&x| x as f64).collect()
+    };
     if let Some(bv) = bias {
         for (i, o) in outf.iter_mut().enumerate() {
             *o += bv[i % n];

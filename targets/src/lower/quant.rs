@@ -142,18 +142,7 @@ impl Lowerer<'_> {
                 "MatMulNBits with an odd K={kk} or block_size={block} is not supported by codegen"
             ));
         }
-        if n.inputs.get(4).copied().flatten().is_some() {
-            return Err("MatMulNBits g_idx is not supported by codegen".into());
-        }
-        let a: ValueId = n.inputs[0].ok_or("missing A")?;
-        if self.scalar(a)? != Scalar::F32 {
-            return Err("MatMulNBits is only lowered for f32 activations".into());
-        }
-        let ash = self.shape(a)?;
-        if ash.last() != Some(&kk) {
-            return Err(format!("A's last dim is not K={kk}"));
-        }
-        let m: usize = ash.iter().product::<usize>() / kk;
+        let (a, m) = self.nbits_input(n, kk)?;
         // The last block may be shorter than `block` (its bytes are padding beyond K).
         let nblk = kk.div_ceil(block);
         let full_blocks = kk / block;
@@ -203,9 +192,7 @@ impl Lowerer<'_> {
             }
             t
         };
-        let byte_zero_points = zero_points
-            .iter()
-            .all(|&z| z.fract() == 0.0 && (0.0..=255.0).contains(&z));
+        let byte_zero_points = byte_zero_points(&zero_points);
         let qb = self.weight_buffer(
             format!("{}.codes", n.name),
             Scalar::U8,
@@ -248,31 +235,15 @@ impl Lowerer<'_> {
             args.push(buf);
             (sc, k.param("zero_points", sc, nn * nblk, false))
         });
-        let scale_value = |at: Expr| {
-            if half_scales {
-                f16_to_f32(Expr::load(sp, at), scale_specials)
-            } else {
-                Expr::load(sp, at)
-            }
-        };
+        let scale_value = |at: Expr| block_scale(sp, scale_scalar, scale_specials, at);
         let zero_point_value = |at: Expr| match zp {
             None => Expr::f32(default_zero_point as f32),
-            Some((Scalar::U8, p)) => {
-                Expr::cast(Scalar::F32, Expr::cast(Scalar::I32, Expr::load(p, at)))
-            }
-            Some((_, p)) => Expr::load(p, at),
+            Some((scalar, p)) => block_zero_point(p, scalar, at),
         };
-        let bias = match n.inputs.get(5).copied().flatten() {
-            Some(bv) => {
-                let bb = self.buffer(bv)?;
-                if self.p.buffers[bb].len != nn || self.p.buffers[bb].scalar != Scalar::F32 {
-                    return Err("bias must be f32 [N]".into());
-                }
-                args.push(bb);
-                Some(k.param("bias", Scalar::F32, nn, false))
-            }
-            None => None,
-        };
+        let bias = self.nbits_bias(n, nn)?.map(|bb| {
+            args.push(bb);
+            k.param("bias", Scalar::F32, nn, false)
+        });
         let out = n.outputs[0];
         let dst = self.out_buffer(out)?;
         if self.p.buffers[dst].len != m * nn {
@@ -386,19 +357,13 @@ impl Lowerer<'_> {
                     value: Expr::f32(0.0),
                 })
                 .collect();
-            if full_blocks > 0 {
-                let g = k.new_var(Scalar::I64);
-                let per_block = block_stmts(k, Expr::var(g), half);
-                body.push(Stmt::Loop {
-                    var: g,
-                    extent: full_blocks,
-                    kind: LoopKind::Serial,
-                    body: per_block,
-                });
-            }
-            if tail_pairs > 0 {
-                body.extend(block_stmts(k, i64c(full_blocks), tail_pairs));
-            }
+            body.extend(blocks_then_tail(
+                k,
+                full_blocks,
+                half,
+                tail_pairs,
+                block_stmts,
+            ));
             for (r, &acc) in accs.iter().enumerate() {
                 let mut value = Expr::var(acc);
                 if let Some(bp) = bias {
@@ -511,5 +476,87 @@ impl Lowerer<'_> {
             has_zero_points,
             zero_points,
         })
+    }
+}
+
+impl Lowerer<'_> {
+    /// A of a MatMulNBits, checked (f32, last dim K, no g_idx), and its row count M.
+    pub(super) fn nbits_input(&self, n: &Node, kk: usize) -> R<(ValueId, usize)> {
+        if n.inputs.get(4).copied().flatten().is_some() {
+            return Err("MatMulNBits g_idx is not supported by codegen".into());
+        }
+        let a: ValueId = n.inputs[0].ok_or("missing A")?;
+        if self.scalar(a)? != Scalar::F32 {
+            return Err("MatMulNBits is only lowered for f32 activations".into());
+        }
+        let ash = self.shape(a)?;
+        if ash.last() != Some(&kk) {
+            return Err(format!("A's last dim is not K={kk}"));
+        }
+        Ok((a, ash.iter().product::<usize>() / kk))
+    }
+
+    /// The buffer of a MatMulNBits bias (input 5), checked to be f32 `[N]`.
+    pub(super) fn nbits_bias(&mut self, n: &Node, nn: usize) -> R<Option<usize>> {
+        let Some(bv) = n.inputs.get(5).copied().flatten() else {
+            return Ok(None);
+        };
+        let bb = self.buffer(bv)?;
+        if self.p.buffers[bb].len != nn || self.p.buffers[bb].scalar != Scalar::F32 {
+            return Err("bias must be f32 [N]".into());
+        }
+        Ok(Some(bb))
+    }
+}
+
+/// Whether every zero point is a whole number that fits a byte (stored as u8, else f32).
+pub(super) fn byte_zero_points(zero_points: &[f64]) -> bool {
+    zero_points
+        .iter()
+        .all(|&z| z.fract() == 0.0 && (0.0..=255.0).contains(&z))
+}
+
+/// The statements of a loop over `full` whole blocks (`block_stmts(k, g, full_len)` with `g`
+/// the loop variable) followed by the last, shorter block (`block_stmts(k, full, tail_len)`)
+/// when `tail_len > 0`.
+pub(super) fn blocks_then_tail(
+    k: &mut Kernel,
+    full: usize,
+    full_len: usize,
+    tail_len: usize,
+    mut block_stmts: impl FnMut(&mut Kernel, Expr, usize) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let mut out = Vec::new();
+    if full > 0 {
+        let g = k.new_var(Scalar::I64);
+        let body = block_stmts(k, Expr::var(g), full_len);
+        out.push(Stmt::Loop {
+            var: g,
+            extent: full,
+            kind: LoopKind::Serial,
+            body,
+        });
+    }
+    if tail_len > 0 {
+        out.extend(block_stmts(k, Expr::i64(full as i64), tail_len));
+    }
+    out
+}
+
+/// A block's scale from table parameter `p` at `at`: f32, or f16 bits widened in registers.
+pub(super) fn block_scale(p: usize, scalar: Scalar, specials: bool, at: Expr) -> Expr {
+    if scalar == Scalar::F16 {
+        f16_to_f32(Expr::load(p, at), specials)
+    } else {
+        Expr::load(p, at)
+    }
+}
+
+/// A block's zero point from table parameter `p` at `at` as f32 (u8 bytes or f32 values).
+pub(super) fn block_zero_point(p: usize, scalar: Scalar, at: Expr) -> Expr {
+    if scalar == Scalar::U8 {
+        Expr::cast(Scalar::F32, Expr::cast(Scalar::I32, Expr::load(p, at)))
+    } else {
+        Expr::load(p, at)
     }
 }

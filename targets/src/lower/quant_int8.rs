@@ -13,10 +13,10 @@
 //! rows `8o..8o+4` of four columns as bytes, against which one broadcast word of four
 //! activation bytes is dotted, and shifting by 4 gives the next four rows.
 
-use super::quant::f16_to_f32;
+use super::quant::{block_scale, block_zero_point, blocks_then_tail};
 use super::{BufKind, Buffer, Lowerer, Step, R};
 use crate::loop_ir::*;
-use kiln_compiler::ir::{Node, ValueId};
+use kiln_compiler::ir::Node;
 
 /// Rows of K per 32-bit weight word (two nibbles in each of its four bytes).
 const ROWS_PER_WORD: usize = 8;
@@ -32,18 +32,7 @@ impl Lowerer<'_> {
         nn: usize,
         block: usize,
     ) -> R<()> {
-        if n.inputs.get(4).copied().flatten().is_some() {
-            return Err("MatMulNBits g_idx is not supported by codegen".into());
-        }
-        let a: ValueId = n.inputs[0].ok_or("missing A")?;
-        if self.scalar(a)? != Scalar::F32 {
-            return Err("MatMulNBits is only lowered for f32 activations".into());
-        }
-        let ash = self.shape(a)?;
-        if ash.last() != Some(&kk) {
-            return Err(format!("A's last dim is not K={kk}"));
-        }
-        let m: usize = ash.iter().product::<usize>() / kk;
+        let (a, m) = self.nbits_input(n, kk)?;
         let nblk = kk.div_ceil(block);
         let (full_blocks, tail) = (kk / block, kk % block);
         let ops = self.nbits_operands(n, nn, nblk, 4, block)?;
@@ -66,25 +55,28 @@ impl Lowerer<'_> {
         }
         // Per-block tables in the same grouped order: [N / width, blocks, width].
         let grouped = |col: usize, g: usize| ((col / width) * nblk + g) * width + col % width;
-        let mut scale_bytes = vec![0u8; nn * nblk * if ops.half_scales { 2 } else { 4 }];
-        let mut zero_points = vec![0u8; nn * nblk];
-        let mut float_zero_points = vec![0u8; nn * nblk * 4];
-        let byte_zero_points = ops
-            .zero_points
-            .iter()
-            .all(|&z| z.fract() == 0.0 && (0.0..=255.0).contains(&z));
+        let byte_zero_points = super::quant::byte_zero_points(&ops.zero_points);
+        let (scale_width, zp_width) = (
+            if ops.half_scales { 2 } else { 4 },
+            if byte_zero_points { 1 } else { 4 },
+        );
+        let mut scale_bytes = vec![0u8; nn * nblk * scale_width];
+        let mut zp_bytes = vec![0u8; nn * nblk * zp_width];
         for col in 0..nn {
             for g in 0..nblk {
                 let (from, to) = (col * nblk + g, grouped(col, g));
+                let scale = &mut scale_bytes[to * scale_width..][..scale_width];
                 if ops.half_scales {
-                    scale_bytes[to * 2..][..2].copy_from_slice(&ops.scale_bits[from * 2..][..2]);
+                    scale.copy_from_slice(&ops.scale_bits[from * 2..][..2]);
                 } else {
-                    let s = ops.scales[from] as f32;
-                    scale_bytes[to * 4..][..4].copy_from_slice(&s.to_le_bytes());
+                    scale.copy_from_slice(&(ops.scales[from] as f32).to_le_bytes());
                 }
-                zero_points[to] = ops.zero_points[from] as u8;
-                float_zero_points[to * 4..][..4]
-                    .copy_from_slice(&(ops.zero_points[from] as f32).to_le_bytes());
+                let z = ops.zero_points[from];
+                if byte_zero_points {
+                    zp_bytes[to] = z as u8;
+                } else {
+                    zp_bytes[to * 4..][..4].copy_from_slice(&(z as f32).to_le_bytes());
+                }
             }
         }
         let scale_scalar = if ops.half_scales {
@@ -105,10 +97,10 @@ impl Lowerer<'_> {
             nn * nblk,
             scale_bytes,
         );
-        let (zp_scalar, zp_bytes) = if byte_zero_points {
-            (Scalar::U8, zero_points)
+        let zp_scalar = if byte_zero_points {
+            Scalar::U8
         } else {
-            (Scalar::F32, float_zero_points)
+            Scalar::F32
         };
         let zb = self.weight_buffer(
             format!("{}.zero_points", n.name),
@@ -131,16 +123,7 @@ impl Lowerer<'_> {
         let qa_sums = temp(self, "a_sums", Scalar::F32, m * nblk);
         self.quantize_activations(&n.name, ab, [qa, qa_scales, qa_sums], m, kk, block);
 
-        let bias = match n.inputs.get(5).copied().flatten() {
-            Some(bv) => {
-                let bb = self.buffer(bv)?;
-                if self.p.buffers[bb].len != nn || self.p.buffers[bb].scalar != Scalar::F32 {
-                    return Err("bias must be f32 [N]".into());
-                }
-                Some(bb)
-            }
-            None => None,
-        };
+        let bias = self.nbits_bias(n, nn)?;
         let dst = self.out_buffer(n.outputs[0])?;
         if self.p.buffers[dst].len != m * nn {
             return Err("output size is not M x N".into());
@@ -246,19 +229,8 @@ impl Lowerer<'_> {
                         ),
                     });
                 }
-                let scale = if scale_scalar == Scalar::F16 {
-                    f16_to_f32(Expr::load(sp, table_at.clone()), scale_specials)
-                } else {
-                    Expr::load(sp, table_at.clone())
-                };
-                let zero_point = if zp_scalar == Scalar::U8 {
-                    Expr::cast(
-                        Scalar::F32,
-                        Expr::cast(Scalar::I32, Expr::load(zp, table_at)),
-                    )
-                } else {
-                    Expr::load(zp, table_at)
-                };
+                let scale = block_scale(sp, scale_scalar, scale_specials, table_at.clone());
+                let zero_point = block_zero_point(zp, zp_scalar, table_at);
                 let a_table = |buf: usize, r: usize| {
                     Expr::load(buf, Expr::add(Expr::mul(row(r), i64c(nblk)), g.clone()))
                 };
@@ -301,19 +273,13 @@ impl Lowerer<'_> {
                     value: Expr::f32(0.0),
                 })
                 .collect();
-            if full_blocks > 0 {
-                let g = k.new_var(Scalar::I64);
-                let per_block = block_stmts(k, Expr::var(g), block_words);
-                body.push(Stmt::Loop {
-                    var: g,
-                    extent: full_blocks,
-                    kind: LoopKind::Serial,
-                    body: per_block,
-                });
-            }
-            if tail > 0 {
-                body.extend(block_stmts(k, i64c(full_blocks), tail / ROWS_PER_WORD));
-            }
+            body.extend(blocks_then_tail(
+                k,
+                full_blocks,
+                block_words,
+                tail / ROWS_PER_WORD,
+                block_stmts,
+            ));
             for (r, &total) in totals.iter().enumerate() {
                 let mut value = Expr::var(total);
                 if let Some(bp) = bp {
@@ -445,21 +411,7 @@ impl Lowerer<'_> {
                     },
                 ]
             };
-            let mut body = Vec::new();
-            if full_blocks > 0 {
-                let g = k.new_var(Scalar::I64);
-                let per_block = block_stmts(k, Expr::var(g), block);
-                body.push(Stmt::Loop {
-                    var: g,
-                    extent: full_blocks,
-                    kind: LoopKind::Serial,
-                    body: per_block,
-                });
-            }
-            if tail > 0 {
-                body.extend(block_stmts(k, i64c(full_blocks), tail));
-            }
-            body
+            blocks_then_tail(k, full_blocks, block, tail, block_stmts)
         });
         self.p.steps.push(Step {
             kernel: k,
