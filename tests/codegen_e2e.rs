@@ -1,5 +1,5 @@
 //! Compiled artifacts against the reference interpreter: all five test-pack models compiled for
-//! x86_64 runs natively through kiln-runtime, and for aarch64-neon / aarch64-neon-dotprod runs
+//! x86_64 and x86_64-v3 (AVX2, FMA; where the host has them) run natively through kiln-runtime, and for aarch64-neon / aarch64-neon-dotprod runs
 //! under qemu-aarch64 through the C harness (runtime/c/kiln_run.c); all outputs must match the
 //! interpreter within rtol 1e-3, atol 1e-4. Also: artifact structure (no NEEDED, 16 KiB LOAD
 //! alignment), reproducible bytes, a plain-`cc` C program loading an artifact, and a dotprod
@@ -51,17 +51,30 @@ fn check_outputs(what: &str, expected: &[Tensor], got: &[Tensor]) {
     }
 }
 
+/// Whether this CPU runs x86_64-v3 artifacts (AVX2 and FMA).
+fn host_has_v3() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 fn check_x86(model: &str) {
     let (inputs, expected) = reference(model);
     let dir = tempfile::tempdir().unwrap();
-    let so = dir.path().join(format!("{model}.so"));
-    compile(model, "x86_64", &so);
-    for threads in [1, 2] {
-        check_outputs(
-            &format!("{model} x86_64 ({threads} threads)"),
-            &expected,
-            &run_native(&so, &inputs, threads),
-        );
+    for target in ["x86_64", "x86_64-v3"] {
+        let so = dir.path().join(format!("{model}-{target}.so"));
+        compile(model, target, &so);
+        if target == "x86_64-v3" && !host_has_v3() {
+            // Without AVX2/FMA the runtime must refuse the artifact instead of crashing.
+            let err = kiln_runtime::Model::load(&so).expect_err("v3 artifact refused");
+            assert!(err.to_string().contains("lacks"), "{err}");
+            continue;
+        }
+        for threads in [1, 2] {
+            check_outputs(
+                &format!("{model} {target} ({threads} threads)"),
+                &expected,
+                &run_native(&so, &inputs, threads),
+            );
+        }
     }
 }
 

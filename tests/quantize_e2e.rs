@@ -332,7 +332,8 @@ fn awq_with_token_calibration_compiles_and_matches_its_graph() {
         ],
         &so,
     );
-    assert!(out.contains("AWQ: 4 samples"), "{out}");
+    assert!(out.contains("calibration: 4 samples"), "{out}");
+    assert!(out.contains("AWQ: "), "{out}");
     let inputs = read_set(&m.join("test_data_set_0"), "input");
     let expected = interp::run(&load_model(&onnx).unwrap().graph, &inputs).unwrap();
     close(
@@ -341,6 +342,81 @@ fn awq_with_token_calibration_compiles_and_matches_its_graph() {
         &run_native(&so, &inputs, 1),
         1e-3,
         1e-4,
+    );
+}
+
+/// The mean output error and the listed (output, weight) errors of a compile report with
+/// calibration data.
+fn output_error_report(out: &str) -> (f64, Vec<(f64, f64)>) {
+    let summary = out
+        .lines()
+        .find(|l| l.contains("outputs on calibration data"))
+        .unwrap_or_else(|| panic!("no output-error summary in:\n{out}"));
+    let mean: f64 = summary
+        .split("outputs on calibration data ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {summary}"));
+    let listed = out
+        .lines()
+        .skip_while(|l| !l.contains("worst output first"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    0.") || l.starts_with("    1."))
+        .map(|l| {
+            let mut f = l.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect();
+    (mean, listed)
+}
+
+#[test]
+fn per_layer_output_error_on_calibration_data_sorted_worst_first() {
+    let m = model_dir("tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u8> = (0..8 * 6)
+        .flat_map(|i: i32| ((i * 104_729 + 7) % 2048).to_le_bytes())
+        .collect();
+    let tok = dir.path().join("tokens.i32");
+    std::fs::write(&tok, tokens).unwrap();
+    let report = |method: &str| {
+        let so = dir.path().join(format!("{method}.so"));
+        let out = compile_q4(
+            &m,
+            "x86_64",
+            &[
+                "--group-size",
+                "32",
+                "--method",
+                method,
+                "--calibration",
+                tok.to_str().unwrap(),
+                "--calibration-samples",
+                "4",
+            ],
+            &so,
+        );
+        output_error_report(&out)
+    };
+    let (rtn_mean, rtn_layers) = report("rtn");
+    let (awq_mean, _) = report("awq");
+    assert!(rtn_layers.len() >= 4, "{rtn_layers:?}");
+    for pair in rtn_layers.windows(2) {
+        assert!(
+            pair[0].0 >= pair[1].0,
+            "not sorted worst first: {rtn_layers:?}"
+        );
+    }
+    for (output, weight) in &rtn_layers {
+        assert!(*output > 0.0 && *output < 0.5, "{rtn_layers:?}");
+        assert!(*weight > 0.0 && *weight < 0.5, "{rtn_layers:?}");
+    }
+    // AWQ minimizes each layer's output error on these very rows (plain rounding is one of
+    // its candidates), so it can only be lower.
+    assert!(
+        awq_mean <= rtn_mean * (1.0 + 1e-6),
+        "AWQ output error {awq_mean} above RTN {rtn_mean}"
     );
 }
 

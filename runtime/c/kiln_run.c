@@ -170,6 +170,9 @@ static void check_target_and_features(const char *path, const char *target,
 
     if (!strcmp(target, "x86_64")) {
         arch = "x86_64";
+    } else if (!strcmp(target, "x86_64-v3")) {
+        arch = "x86_64";
+        implied = "avx,avx2,fma";
     } else if (!strcmp(target, "aarch64-neon")) {
         arch = "aarch64";
         implied = "neon";

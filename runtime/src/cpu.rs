@@ -1,4 +1,4 @@
-//! What this host can run: the Kiln target names ("x86_64", "aarch64-neon",
+//! What this host can run: the Kiln target names ("x86_64", "x86_64-v3", "aarch64-neon",
 //! "aarch64-neon-dotprod", "aarch64-sve", "cuda-sm80"), the CPU feature names an artifact may
 //! require ("sse4.1", "avx2", "neon", "dotprod", "sve", ...), run-time detection of those
 //! features with `std::arch`, and [`check_compatible`], which decides whether an artifact's
@@ -9,8 +9,9 @@
 use thiserror::Error;
 
 /// The Kiln target names, as `kiln_target()` reports them.
-pub const KNOWN_TARGETS: [&str; 5] = [
+pub const KNOWN_TARGETS: [&str; 6] = [
     "x86_64",
+    "x86_64-v3",
     "aarch64-neon",
     "aarch64-neon-dotprod",
     "aarch64-sve",
@@ -159,6 +160,7 @@ fn target_arch_and_features(
 ) -> Result<(&'static str, &'static [&'static str]), Incompatible> {
     Ok(match target {
         "x86_64" => ("x86_64", &[]),
+        "x86_64-v3" => ("x86_64", &["avx", "avx2", "fma"]),
         "aarch64-neon" => ("aarch64", &["neon"]),
         "aarch64-neon-dotprod" => ("aarch64", &["neon", "dotprod"]),
         "aarch64-sve" => ("aarch64", &["sve"]),

@@ -64,6 +64,7 @@ pub fn apply(g: &mut Graph, q: &QuantSettings) -> Result<()> {
         exclusions: exclusions.clone(),
         overrides,
         awq_scales: HashMap::new(),
+        calibration: HashMap::new(),
         int8_activations: q.activations == Activations::Int8,
     };
     // The quantizer must see the exclusions before ExcludeLayers rewrites them, so plan first.
@@ -79,12 +80,46 @@ pub fn apply(g: &mut Graph, q: &QuantSettings) -> Result<()> {
     for note in &excluded.notes {
         println!("    {note}");
     }
-    if q.method == QuantMethod::Awq {
-        options.awq_scales = awq_scales(g, q, &options)?;
+    if q.method == QuantMethod::Awq && q.calibration.is_none() {
+        bail!("AWQ needs calibration data: pass --calibration PATH (input sets or a token file)");
+    }
+    if let Some(path) = &q.calibration {
+        // Calibration feeds the AWQ search and, for every method, the per-layer output error.
+        options.calibration = calibrate(g, path, q, &options)?;
+        if q.method == QuantMethod::Awq {
+            options.awq_scales = awq_scales(g, q, &options)?;
+        }
     }
     let (_, layers) = QuantizeWeights { options }.quantize(g)?;
     report_layers(&layers);
     Ok(())
+}
+
+/// Runs the calibration samples through the interpreter and keeps each planned product's
+/// input rows.
+fn calibrate(
+    g: &Graph,
+    path: &Path,
+    q: &QuantSettings,
+    options: &QuantizeOptions,
+) -> Result<HashMap<String, awq::LayerActivations>> {
+    let samples = load_calibration(g, path, q.calibration_samples)?;
+    let plan = plan_quantization(g, options).map_err(anyhow::Error::msg)?;
+    let names: Vec<String> = plan
+        .iter()
+        .map(|(id, _)| g.nodes[*id].name.clone())
+        .collect();
+    let bar = progress(samples.len() as u64, "calibrating");
+    let stats = awq::collect_activations(g, &samples, &names, AWQ_ROWS, &mut || bar.inc(1))
+        .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    println!(
+        "  calibration: {} samples from {}, {} rows per layer",
+        samples.len(),
+        path.display(),
+        stats.values().map(|s| s.n_rows).max().unwrap_or(0)
+    );
+    Ok(stats)
 }
 
 fn report_layers(layers: &[LayerQuantization]) {
@@ -93,16 +128,35 @@ fn report_layers(layers: &[LayerQuantization]) {
         return;
     }
     let mut sorted: Vec<&LayerQuantization> = layers.iter().collect();
-    sorted.sort_by(|a, b| b.relative_error.total_cmp(&a.relative_error));
-    let mean = layers.iter().map(|l| l.relative_error).sum::<f64>() / layers.len() as f64;
-    println!(
-        "  quantized {} layers; weight relative error mean {:.4}, worst first:",
-        layers.len(),
-        mean
-    );
-    for l in sorted.iter().take(8) {
+    let mean = |f: &dyn Fn(&LayerQuantization) -> f64| {
+        layers.iter().map(f).sum::<f64>() / layers.len() as f64
+    };
+    let with_output = layers.iter().all(|l| l.output_error.is_some());
+    if with_output {
+        // Worst output error on calibration data first: what the model's accuracy feels.
+        let out = |l: &LayerQuantization| l.output_error.unwrap_or(0.0);
+        sorted.sort_by(|a, b| out(b).total_cmp(&out(a)));
         println!(
-            "    {:.4}  {} ({}) [{}x{}] {}",
+            "  quantized {} layers; relative error mean: weights {:.4}, outputs on calibration data {:.4}; worst output first (output, weight):",
+            layers.len(),
+            mean(&|l| l.relative_error),
+            mean(&|l| l.output_error.unwrap_or(0.0))
+        );
+    } else {
+        sorted.sort_by(|a, b| b.relative_error.total_cmp(&a.relative_error));
+        println!(
+            "  quantized {} layers; weight relative error mean {:.4}, worst first:",
+            layers.len(),
+            mean(&|l| l.relative_error)
+        );
+    }
+    for l in sorted.iter().take(8) {
+        let output = match l.output_error {
+            Some(e) if with_output => format!("{e:.4}  "),
+            _ => String::new(),
+        };
+        println!(
+            "    {output}{:.4}  {} ({}) [{}x{}] {}",
             l.relative_error,
             l.node,
             l.weight,
@@ -116,25 +170,14 @@ fn report_layers(layers: &[LayerQuantization]) {
     }
 }
 
-/// Calibration and the per-layer AWQ search.
+/// The per-layer AWQ search over the calibration rows.
 fn awq_scales(
     g: &Graph,
     q: &QuantSettings,
     options: &QuantizeOptions,
 ) -> Result<HashMap<String, Vec<f32>>> {
-    let Some(path) = &q.calibration else {
-        bail!("AWQ needs calibration data: pass --calibration PATH (input sets or a token file)");
-    };
-    let samples = load_calibration(g, path, q.calibration_samples)?;
+    let stats = &options.calibration;
     let plan = plan_quantization(g, options).map_err(anyhow::Error::msg)?;
-    let names: Vec<String> = plan
-        .iter()
-        .map(|(id, _)| g.nodes[*id].name.clone())
-        .collect();
-    let bar = progress(samples.len() as u64, "calibrating");
-    let stats = awq::collect_activations(g, &samples, &names, AWQ_ROWS, &mut || bar.inc(1))
-        .map_err(anyhow::Error::msg)?;
-    bar.finish_and_clear();
     let bar = progress(plan.len() as u64, "AWQ search");
     let mut scales = HashMap::new();
     let (mut err_rtn, mut err_awq) = (0f64, 0f64);
@@ -161,8 +204,7 @@ fn awq_scales(
     }
     bar.finish_and_clear();
     println!(
-        "  AWQ: {} samples, {} of {} layers scaled; calibration output error {:.4e} -> {:.4e} ({:.1}% lower than RTN)",
-        samples.len(),
+        "  AWQ: {} of {} layers scaled; calibration output error {:.4e} -> {:.4e} ({:.1}% lower than RTN)",
         scales.len(),
         plan.len(),
         err_rtn,

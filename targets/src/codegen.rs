@@ -61,6 +61,9 @@ pub fn make_isa(target: &Target) -> Result<(OwnedTargetIsa, Arch), CodegenError>
     for f in target.required_features {
         let flag = match *f {
             "sse4.1" => "has_sse41",
+            "avx" => "has_avx",
+            "avx2" => "has_avx2",
+            "fma" => "has_fma",
             "dotprod" => "has_dotprod",
             _ => continue,
         };
@@ -83,6 +86,8 @@ pub fn make_isa(target: &Target) -> Result<(OwnedTargetIsa, Arch), CodegenError>
 struct ModuleBuilder {
     isa: OwnedTargetIsa,
     arch: Arch,
+    /// Whether the target has vector fused multiply-add (NEON always; x86-64 with FMA).
+    fma: bool,
     func_names: Vec<String>,
     functions: Vec<FunctionBlob>,
     data: Vec<DataBlob>,
@@ -194,12 +199,17 @@ struct KernelGen<'a, 'b> {
     b: &'a mut FunctionBuilder<'b>,
     k: &'a Kernel,
     arch: Arch,
+    /// Contract `a * b + c` into fused multiply-adds (the kernel allows it, the target has it).
+    fma: bool,
     ptrs: Vec<Value>,
     vars: Vec<Variable>,
     /// Iteration range [start, end) of the kernel's parallel loop (the function's arguments).
     range: (Value, Value),
     /// Set while emitting the body of a vectorized loop.
     vec: Option<VecMode>,
+    /// Loop variables whose value is currently an iteration's base plus a constant (the copies
+    /// of an unrolled loop body): addresses use the base and fold the constant.
+    unrolled: std::collections::HashMap<VarId, (Value, i64)>,
 }
 
 /// State of a vectorized loop: its variable, and a vector variable per local it assigns
@@ -210,6 +220,8 @@ struct VecMode {
     copies: Vec<std::collections::HashMap<VarId, Variable>>,
     /// The loop variable's value at the start of the current iteration (jammed loops).
     base: Option<Value>,
+    /// Lanes from `base` of the jammed copy being emitted.
+    copy_offset: i64,
 }
 
 /// The f32 vector type of vectorized loops (128-bit: NEON and SSE).
@@ -298,15 +310,87 @@ impl KernelGen<'_, '_> {
         Ok(self.cast(from, want, v))
     }
 
-    fn address(&mut self, buf: usize, index: &Expr) -> Result<Value, CodegenError> {
-        let idx = self.expr_as(index, Scalar::I64)?;
+    /// The address of element `index` of buffer `buf`, as a base value and a constant byte
+    /// offset for the memory instruction's displacement. The index's constant terms go to the
+    /// displacement, so elements a constant apart (the rows of a register tile, the copies of
+    /// a jammed vector loop) share one address computation.
+    fn address(&mut self, buf: usize, index: &Expr) -> Result<(Value, i32), CodegenError> {
         let size = self.k.params[buf].scalar.bytes() as i64;
-        let off = if size == 1 {
-            idx
-        } else {
-            self.b.ins().imul_imm_s(idx, size)
+        let (dynamic, constant) = self.index_parts(index)?;
+        let ptr = self.ptrs[buf];
+        let (dynamic, offset) = match i32::try_from(constant * size) {
+            Ok(off) => (dynamic, off),
+            Err(_) => {
+                let c = self.b.ins().iconst(types::I64, constant);
+                let d = match dynamic {
+                    Some(d) => self.b.ins().iadd(d, c),
+                    None => c,
+                };
+                (Some(d), 0)
+            }
         };
-        Ok(self.b.ins().iadd(self.ptrs[buf], off))
+        let addr = match dynamic {
+            Some(d) => {
+                let scaled = if size == 1 {
+                    d
+                } else {
+                    self.b.ins().imul_imm_s(d, size)
+                };
+                self.b.ins().iadd(ptr, scaled)
+            }
+            None => ptr,
+        };
+        Ok((addr, offset))
+    }
+
+    /// An i64 index split into its non-constant part (none when it is constant) and its
+    /// constant term, through sums and products by constants.
+    fn index_parts(&mut self, e: &Expr) -> Result<(Option<Value>, i64), CodegenError> {
+        if self.expr_type(e) != Scalar::I64 {
+            return Ok((Some(self.expr_as(e, Scalar::I64)?), 0));
+        }
+        Ok(match e {
+            Expr::Const(Const::I64(c)) => (None, *c),
+            Expr::Var(v) => match self.vec.as_ref() {
+                // A jammed copy's loop variable: the iteration's base plus the copy's lanes.
+                Some(m) if m.var == *v && m.copies.len() > 1 && m.base.is_some() => {
+                    (m.base, m.copy_offset)
+                }
+                _ => match self.unrolled.get(v) {
+                    Some(&(base, off)) => (Some(base), off),
+                    None => (Some(self.expr_as(e, Scalar::I64)?), 0),
+                },
+            },
+            Expr::Bin {
+                op: BinOp::Add,
+                a,
+                b,
+            } => {
+                let (da, ca) = self.index_parts(a)?;
+                let (db, cb) = self.index_parts(b)?;
+                let d = match (da, db) {
+                    (Some(x), Some(y)) => Some(self.b.ins().iadd(x, y)),
+                    (x, y) => x.or(y),
+                };
+                (d, ca.wrapping_add(cb))
+            }
+            Expr::Bin {
+                op: BinOp::Mul,
+                a,
+                b,
+            } if matches!(**a, Expr::Const(Const::I64(_)))
+                || matches!(**b, Expr::Const(Const::I64(_))) =>
+            {
+                let (x, c) = match (&**a, &**b) {
+                    (Expr::Const(Const::I64(c)), x) | (x, Expr::Const(Const::I64(c))) => (x, *c),
+                    _ => unreachable!("matched above"),
+                };
+                let (d, k) = self.index_parts(x)?;
+                let d = d.map(|d| self.b.ins().imul_imm_s(d, c));
+                (d, k.wrapping_mul(c))
+            }
+            _ => (Some(self.expr_as(e, Scalar::I64)?), 0),
+        })
     }
 
     fn expr(&mut self, e: &Expr) -> Result<Value, CodegenError> {
@@ -317,9 +401,9 @@ impl KernelGen<'_, '_> {
             Expr::Const(Const::Bool(v)) => self.b.ins().iconst(types::I8, *v as i64),
             Expr::Var(v) => self.b.use_var(self.vars[*v]),
             Expr::Load { buf, index } => {
-                let addr = self.address(*buf, index)?;
+                let (addr, off) = self.address(*buf, index)?;
                 let ty = clty(self.k.params[*buf].scalar);
-                self.b.ins().load(ty, flags(), addr, 0)
+                self.b.ins().load(ty, flags(), addr, off)
             }
             Expr::Bin { op, a, b } => {
                 let t = self.operand_type(a, b);
@@ -851,6 +935,7 @@ impl KernelGen<'_, '_> {
                     self.b.def_var(self.vars[var], at);
                     if let Some(m) = self.vec.as_mut() {
                         m.vvars = m.copies[c].clone();
+                        m.copy_offset = (c * LANES) as i64;
                     }
                     self.stmt(s)?;
                 }
@@ -876,12 +961,12 @@ impl KernelGen<'_, '_> {
                 Stmt::Store { buf, index, value } => {
                     if self.vec.is_some() {
                         let v = self.vexpr_splat(value)?;
-                        let addr = self.address(*buf, index)?;
-                        self.b.ins().store(vflags(), v, addr, 0);
+                        let (addr, off) = self.address(*buf, index)?;
+                        self.b.ins().store(vflags(), v, addr, off);
                     } else {
                         let v = self.expr_as(value, self.k.params[*buf].scalar)?;
-                        let addr = self.address(*buf, index)?;
-                        self.b.ins().store(flags(), v, addr, 0);
+                        let (addr, off) = self.address(*buf, index)?;
+                        self.b.ins().store(flags(), v, addr, off);
                     }
                 }
                 Stmt::Loop {
@@ -926,8 +1011,11 @@ impl KernelGen<'_, '_> {
                 None => (self.expr_as(e, class)?, false),
             },
             Expr::Load { buf, index } if linear_coeff(index, var) == Some(1) => {
-                let addr = self.address(*buf, index)?;
-                (self.vector_load(self.k.params[*buf].scalar, addr)?, true)
+                let (addr, off) = self.address(*buf, index)?;
+                (
+                    self.vector_load(self.k.params[*buf].scalar, addr, off)?,
+                    true,
+                )
             }
             Expr::Bin {
                 op: BinOp::Add,
@@ -961,6 +1049,35 @@ impl KernelGen<'_, '_> {
                     }
                 });
                 (self.dot_bytes(acc, w, act), true)
+            }
+            Expr::Bin {
+                op: BinOp::Add,
+                a: acc,
+                b: prod,
+            } if self.fma
+                && lane_class(self.operand_type(acc, prod)) == Scalar::F32
+                && matches!(**prod, Expr::Bin { op: BinOp::Mul, .. }) =>
+            {
+                // acc + x * y as one fused multiply-add.
+                let Expr::Bin { a: x, b: y, .. } = &**prod else {
+                    unreachable!("matched above")
+                };
+                let parts = [
+                    self.vexpr_in(x, Scalar::F32)?,
+                    self.vexpr_in(y, Scalar::F32)?,
+                    self.vexpr_in(acc, Scalar::F32)?,
+                ];
+                if parts.iter().all(|(_, is_vec)| !is_vec) {
+                    return Ok((self.expr_as(e, class)?, false));
+                }
+                let [x, y, acc] = parts.map(|(v, is_vec)| {
+                    if is_vec {
+                        v
+                    } else {
+                        self.b.ins().splat(VF32, v)
+                    }
+                });
+                (self.b.ins().fma(x, y, acc), true)
             }
             Expr::Bin { op, a, b } => {
                 let c = lane_class(self.operand_type(a, b));
@@ -1142,13 +1259,13 @@ impl KernelGen<'_, '_> {
     }
 
     /// A vector load of 4 consecutive elements of type `s`, as f32x4 or i32x4.
-    fn vector_load(&mut self, s: Scalar, addr: Value) -> Result<Value, CodegenError> {
+    fn vector_load(&mut self, s: Scalar, addr: Value, off: i32) -> Result<Value, CodegenError> {
         let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
         Ok(match s {
-            Scalar::F32 => self.b.ins().load(VF32, vflags(), addr, 0),
-            Scalar::I32 => self.b.ins().load(types::I32X4, vflags(), addr, 0),
+            Scalar::F32 => self.b.ins().load(VF32, vflags(), addr, off),
+            Scalar::I32 => self.b.ins().load(types::I32X4, vflags(), addr, off),
             Scalar::U8 | Scalar::I8 | Scalar::Bool => {
-                let w = self.b.ins().load(types::I32, vflags(), addr, 0);
+                let w = self.b.ins().load(types::I32, vflags(), addr, off);
                 let v = self.b.ins().scalar_to_vector(types::I32X4, w);
                 let v = self.b.ins().bitcast(types::I8X16, le, v);
                 if s == Scalar::I8 {
@@ -1160,7 +1277,7 @@ impl KernelGen<'_, '_> {
                 }
             }
             Scalar::U16 | Scalar::I16 | Scalar::F16 => {
-                let w = self.b.ins().load(types::I64, vflags(), addr, 0);
+                let w = self.b.ins().load(types::I64, vflags(), addr, off);
                 let v = self.b.ins().scalar_to_vector(types::I64X2, w);
                 let v = self.b.ins().bitcast(types::I16X8, le, v);
                 if s == Scalar::I16 {
@@ -1229,6 +1346,7 @@ impl KernelGen<'_, '_> {
                 vvars: copies[0].clone(),
                 copies: copies.clone(),
                 base: None,
+                copy_offset: 0,
             });
             let r = self.emit_range_loop(var, start, end, (LANES * jam) as i64, body);
             self.vec = None;
@@ -1243,6 +1361,7 @@ impl KernelGen<'_, '_> {
                 vvars: copies[0].clone(),
                 copies: Vec::new(),
                 base: None,
+                copy_offset: 0,
             });
             let r = self.emit_range_loop(var, start, end, LANES as i64, body);
             self.vec = None;
@@ -1289,8 +1408,12 @@ impl KernelGen<'_, '_> {
                 let at = self.b.ins().iadd_imm_s(base, u as i64);
                 self.b.def_var(v, at);
             }
+            if unroll > 1 {
+                self.unrolled.insert(var, (base, u as i64));
+            }
             self.stmts(body)?;
         }
+        self.unrolled.remove(&var);
         let next = self.b.ins().iadd_imm_s(base, step);
         self.b.def_var(v, next);
         self.b.ins().jump(header, &[]);
@@ -1381,10 +1504,12 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
         b: &mut b,
         k,
         arch: m.arch,
+        fma: m.fma && k.contract,
         ptrs,
         vars,
         range: (start, end),
         vec: None,
+        unrolled: std::collections::HashMap::new(),
     };
     g.stmts(&k.body)?;
     b.ins().return_(&[]);
@@ -1412,9 +1537,11 @@ pub fn generate(
     soname: &str,
 ) -> Result<(ArtifactSpec, CodeStats), CodegenError> {
     let (isa, arch) = make_isa(target)?;
+    let fma = arch == Arch::Aarch64 || target.required_features.contains(&"fma");
     let mut m = ModuleBuilder {
         isa,
         arch,
+        fma,
         func_names: Vec::new(),
         functions: Vec::new(),
         data: Vec::new(),

@@ -57,6 +57,14 @@ pub const TARGETS: &[Target] = &[
             "x86-64 host, 128-bit SSE4.1 vectors (for running and measuring on the build machine)",
     },
     Target {
+        name: "x86_64-v3",
+        isa: Isa::X86_64,
+        required_features: &["sse4.1", "avx", "avx2", "fma"],
+        vectors: Vectors::Fixed(128),
+        description:
+            "x86-64-v3 host (AVX2, FMA): 128-bit vectors, VEX encoding, fused multiply-add",
+    },
+    Target {
         name: "aarch64-neon",
         isa: Isa::Aarch64,
         required_features: &["neon"],
@@ -154,7 +162,7 @@ pub fn compile(
     target: &Target,
     options: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
-    let mut program = lower::lower(graph)?;
+    let mut program = lower::lower_with(graph, &lower::LowerOptions::for_target(target))?;
     for step in &mut program.steps {
         schedule::schedule(&mut step.kernel, &options.schedule);
     }

@@ -299,6 +299,11 @@ pub struct Kernel {
     /// Type of every variable; loop variables are `I64`.
     pub vars: Vec<Scalar>,
     pub body: Vec<Stmt>,
+    /// Whether `a * b + c` on f32 may be computed as one fused multiply-add (one rounding
+    /// instead of two) where the target has it. Set for matrix products, whose reference
+    /// tolerance covers the difference; off elsewhere, so that kernels defined to match the
+    /// interpreter bit for bit (int8 products) stay exact.
+    pub contract: bool,
 }
 
 impl Kernel {
@@ -308,6 +313,7 @@ impl Kernel {
             params: Vec::new(),
             vars: Vec::new(),
             body: Vec::new(),
+            contract: false,
         }
     }
 
@@ -503,7 +509,12 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt:
 
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "kernel {}(", self.name)?;
+        writeln!(
+            f,
+            "kernel {}{}(",
+            self.name,
+            if self.contract { " contract" } else { "" }
+        )?;
         for (i, p) in self.params.iter().enumerate() {
             writeln!(
                 f,

@@ -39,6 +39,10 @@ pub fn schedule(k: &mut Kernel, o: &ScheduleOptions) {
     let mut body = std::mem::take(&mut k.body);
     if o.vector_lanes > 1 {
         vectorize_first(k, &mut body, o.vector_lanes, o.vector_jam.max(1));
+    } else {
+        // Lowering may hand over a loop already vectorized (it laid the data out for it);
+        // without vectorization it runs one iteration at a time.
+        devectorize(&mut body);
     }
     if o.unroll > 1 {
         unroll_innermost(&mut body, o.unroll);
@@ -91,6 +95,19 @@ fn work_of(stmts: &[Stmt]) -> usize {
         .sum()
 }
 
+fn devectorize(stmts: &mut [Stmt]) {
+    for s in stmts.iter_mut() {
+        if let Stmt::Loop { kind, body, .. } = s {
+            if matches!(kind, LoopKind::Vectorized { .. }) {
+                *kind = LoopKind::Serial;
+            }
+            devectorize(body);
+        }
+    }
+}
+
+/// Vectorizes the first (outermost, then earliest) loop that can be, unless lowering already
+/// chose one: a kernel has at most one vectorized loop nest.
 fn vectorize_first(k: &Kernel, stmts: &mut [Stmt], lanes: usize, jam: usize) -> bool {
     for s in stmts.iter_mut() {
         if let Stmt::Loop {
@@ -100,6 +117,9 @@ fn vectorize_first(k: &Kernel, stmts: &mut [Stmt], lanes: usize, jam: usize) -> 
             body,
         } = s
         {
+            if matches!(kind, LoopKind::Vectorized { .. }) {
+                return true;
+            }
             if *kind == LoopKind::Serial && *extent >= lanes && vectorizable(k, *var, body) {
                 // Jamming pays where an inner loop's invariant loads can be shared.
                 let has_inner = body.iter().any(|b| matches!(b, Stmt::Loop { .. }));

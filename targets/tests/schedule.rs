@@ -1,5 +1,6 @@
-//! Snapshot tests of loop-IR kernels before and after scheduling: a MatMul (its column loop
-//! vectorized, its row loop parallel), a broadcasting elementwise Add+Relu chain (innermost loop
+//! Snapshot tests of loop-IR kernels before and after scheduling: a MatMul against a constant
+//! (B packed in panels of 8 columns whose loop lowering vectorizes, a 4-row register tile, the
+//! tile loop parallel, and a 4-column tail panel vectorized by the schedule), a broadcasting elementwise Add+Relu chain (innermost loop
 //! vectorized) and a Softmax (its reductions stay scalar: they carry a value between
 //! iterations). The numerics of scheduled code are checked end to end by tests/codegen_e2e.rs
 //! and the host conformance run.

@@ -94,6 +94,34 @@ pub fn collect_activations(
     Ok(stats)
 }
 
+/// Relative output error of a layer on its calibration rows X: ||X·W' - X·W|| / ||X·W||
+/// (Frobenius), for weights given column by column (`n` columns of `k`); `None` without
+/// rows.
+pub fn output_error(
+    act: &LayerActivations,
+    original: &[f32],
+    effective: &[f32],
+    n: usize,
+    k: usize,
+) -> Option<f64> {
+    let m = act.n_rows;
+    if m == 0 || act.k != k || act.rows.len() != m * k {
+        return None;
+    }
+    let product = |w: &[f32]| {
+        let mut y = vec![0f32; m * n];
+        sgemm(m, k, n, &act.rows, k as isize, 1, w, 1, k as isize, &mut y);
+        y
+    };
+    let (reference, got) = (product(original), product(effective));
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in got.iter().zip(&reference) {
+        num += ((a - b) as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 })
+}
+
 /// The outcome of the search for one layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaleSearch {

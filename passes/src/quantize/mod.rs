@@ -590,6 +590,9 @@ pub struct QuantizeOptions {
     pub overrides: Vec<(Glob, Precision)>,
     /// AWQ input-channel scales by node name (from calibration); empty for plain RTN.
     pub awq_scales: HashMap<String, Vec<f32>>,
+    /// Calibration inputs of each product by node name (see `awq::collect_activations`),
+    /// for the per-layer output error; empty without calibration data.
+    pub calibration: HashMap<String, awq::LayerActivations>,
     /// Mark the quantized products to compute with int8 activations (MatMulNBits accuracy
     /// level 4, see `kiln_compiler::ir::int8_activations`); 4-bit layers whose K is not a
     /// whole number of groups keep f32 activations.
@@ -605,6 +608,7 @@ impl Default for QuantizeOptions {
             exclusions: ExclusionOptions::default(),
             overrides: Vec::new(),
             awq_scales: HashMap::new(),
+            calibration: HashMap::new(),
             int8_activations: false,
         }
     }
@@ -620,6 +624,9 @@ pub struct LayerQuantization {
     pub n: usize,
     /// ||W - dequant(Q(W))|| / ||W|| (Frobenius).
     pub relative_error: f64,
+    /// ||X·W' - X·W|| / ||X·W|| on the layer's calibration inputs X, with W' the effective
+    /// quantized weight; `None` without calibration data.
+    pub output_error: Option<f64>,
 }
 
 /// The matrix products a [`QuantizeWeights`] run would quantize, with their precision.
@@ -720,26 +727,27 @@ impl QuantizeWeights {
                 }
             }
             let q = rtn::quantize(&cols, nn, k, o.group_size, bits, o.symmetric);
-            let relative_error = if let Some(s) = awq {
-                // Error of the effective weight W ≈ dequant(Q(W·s)) / s against W.
-                let deq = q.dequantize();
-                let (mut num, mut den) = (0f64, 0f64);
+            // The effective weight: dequant(Q(W·s)) / s with AWQ scales, dequant(Q(W))
+            // otherwise; `cols` goes back to W.
+            let mut effective = q.dequantize();
+            if let Some(s) = awq {
                 for j in 0..nn {
                     for r in 0..k {
-                        let orig = (cols[j * k + r] / s[r]) as f64;
-                        let back = (deq[j * k + r] / s[r]) as f64;
-                        num += (orig - back) * (orig - back);
-                        den += orig * orig;
+                        effective[j * k + r] /= s[r];
+                        cols[j * k + r] /= s[r];
                     }
                 }
-                if den > 0.0 {
-                    (num / den).sqrt()
-                } else {
-                    0.0
-                }
-            } else {
-                q.relative_error(&cols)
-            };
+            }
+            let (mut num, mut den) = (0f64, 0f64);
+            for (orig, back) in cols.iter().zip(&effective) {
+                num += ((orig - back) as f64).powi(2);
+                den += (*orig as f64).powi(2);
+            }
+            let relative_error = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
+            let output_error = o
+                .calibration
+                .get(&n.name)
+                .and_then(|act| awq::output_error(act, &cols, &effective, nn, k));
             let a = n.inputs[0].ok_or_else(|| fail(format!("{} has no A", n.name)))?;
             let mut a_in = a;
             if let Some(s) = awq {
@@ -834,6 +842,7 @@ impl QuantizeWeights {
                 k,
                 n: nn,
                 relative_error,
+                output_error,
             });
         }
         // Replaced nodes lost their edges to consumers: recompute them.

@@ -4,6 +4,7 @@
 //! their input's buffer instead of copying. Ops without a lowering are reported all at once.
 
 mod conv;
+mod packed;
 mod quant;
 mod quant_int8;
 mod scan;
@@ -16,6 +17,8 @@ use kiln_compiler::tensor::strides;
 use kiln_compiler::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
+
+pub use packed::LowerOptions;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum LowerError {
@@ -134,12 +137,21 @@ pub(crate) struct Lowerer<'g> {
     /// f32 values that are a Cast of f16 data read only by matrix products, which widen the
     /// half bits themselves: value -> (the f16 value, whether it may hold inf/NaN).
     f16_widened: HashMap<ValueId, (ValueId, bool)>,
+    opts: LowerOptions,
+    /// Panel-packed copies of constant matrix operands: (constant, panel width, row stride,
+    /// column stride) -> buffer.
+    packed: HashMap<(ValueId, usize, usize, usize), usize>,
 }
 
 pub(crate) type R<T> = Result<T, String>;
 
-/// Lowers a statically shaped graph.
+/// Lowers a statically shaped graph with the default [`LowerOptions`].
 pub fn lower(g: &Graph) -> Result<Program, LowerError> {
+    lower_with(g, &LowerOptions::default())
+}
+
+/// Lowers a statically shaped graph.
+pub fn lower_with(g: &Graph, opts: &LowerOptions) -> Result<Program, LowerError> {
     let order = g.topo_order().map_err(|e| {
         LowerError::Unsupported(format!("cyclic graph through {}", e.nodes.join(", ")))
     })?;
@@ -162,6 +174,8 @@ pub fn lower(g: &Graph) -> Result<Program, LowerError> {
         p: Program::default(),
         buf_of: HashMap::new(),
         f16_widened: HashMap::new(),
+        opts: *opts,
+        packed: HashMap::new(),
     };
     for (i, &v) in g.inputs.iter().enumerate() {
         let (dtype, shape) = lw.static_type(v)?;
@@ -817,6 +831,33 @@ impl<'g> Lowerer<'g> {
                     .collect::<Vec<_>>();
             }
         }
+        if b_bs.iter().all(|&s| s == 0) {
+            // B is one matrix: with A's batch folded into rows (they are contiguous), a
+            // constant B takes the panel-packed kernel.
+            let (alpha, beta) = gemm.map_or((1.0, 1.0), |(al, be, _, _)| (al, be));
+            let c = match (gemm, n.inputs.get(2).copied().flatten()) {
+                (Some(_), Some(cv)) => {
+                    let st = broadcast_strides(&self.shape(cv)?, &[m, nn]);
+                    Some((cv, [st[0], st[1]]))
+                }
+                _ => None,
+            };
+            let product = packed::PackedProduct {
+                m: m * batch.iter().product::<usize>(),
+                k: kk,
+                n: nn,
+                a_rs,
+                a_cs,
+                b_rs,
+                b_cs,
+                alpha,
+                beta,
+                c,
+            };
+            if self.matmul_packed(n, &product)? {
+                return Ok(());
+            }
+        }
         let mut k = Kernel::new(&n.name);
         let ab = self.buffer(a)?;
         // B may be f16 data widened in registers (see `quant::widen_in_consumers`).
@@ -1401,7 +1442,13 @@ impl<'g> Lowerer<'g> {
         let a = kiln_compiler::interp::util::axis(axis, shape.len()).map_err(|e| e.0)?;
         let (outer, dim, inner) = kiln_compiler::interp::util::split_at_axis(&shape, a);
         let n_idx: usize = ish.iter().product();
-        let src = self.buffer(x)?;
+        // A table that matrix products read packed (a tied embedding) is read packed here too.
+        let packed = self.packed_table(x)?;
+        let src = match packed {
+            Some((b, _)) => b,
+            None => self.buffer(x)?,
+        };
+        let layout = packed.map(|(_, l)| l);
         let ib = self.buffer(iv)?;
         let iscalar = self.p.buffers[ib].scalar;
         let dst = self.out_buffer(n.outputs[0])?;
@@ -1422,13 +1469,16 @@ impl<'g> Lowerer<'g> {
                 Expr::var(idx),
             );
             let clamped = Expr::max(Expr::min(norm, Expr::i64(dim as i64 - 1)), Expr::i64(0));
-            let src_idx = Expr::add(
+            let mut src_idx = Expr::add(
                 Expr::add(
                     Expr::mul(Expr::var(o), Expr::i64((dim * inner) as i64)),
                     Expr::mul(Expr::var(idx), Expr::i64(inner as i64)),
                 ),
                 Expr::var(i),
             );
+            if let Some(l) = layout {
+                src_idx = packed::packed_position(src_idx, l);
+            }
             let dst_idx = Expr::add(
                 Expr::mul(
                     Expr::add(
@@ -1464,7 +1514,7 @@ impl<'g> Lowerer<'g> {
 }
 
 /// Block length of [`blocked_sum`].
-const SUM_BLOCK: usize = 64;
+pub(super) const SUM_BLOCK: usize = 64;
 
 /// `acc = sum over var in 0..extent of term`, summed in blocks of [`SUM_BLOCK`] terms whose
 /// partial sums are then added: the rounding error grows with about extent/64 + 64 terms
