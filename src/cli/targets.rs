@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 pub fn run() -> Result<ExitCode> {
     println!(
-        "{:<22} {:<18} {:<14} description",
+        "{:<22} {:<22} {:<14} description",
         "target", "requires", "vectors"
     );
     for t in TARGETS {
@@ -16,13 +16,22 @@ pub fn run() -> Result<ExitCode> {
             Vectors::Warp(n) => format!("warp {n}"),
         };
         println!(
-            "{:<22} {:<18} {:<14} {}",
+            "{:<22} {:<22} {:<14} {}",
             t.name,
             t.required_features.join(","),
             v,
             t.description
         );
     }
-    println!("(code generators today: x86_64, aarch64-neon, aarch64-neon-dotprod; aarch64-sve and cuda-sm80 are described but have no code generator yet)");
+    let (with, without): (Vec<_>, Vec<_>) = TARGETS
+        .iter()
+        .partition(|t| kiln_targets::codegen::make_isa(t).is_ok());
+    let names =
+        |ts: &[&kiln_targets::Target]| ts.iter().map(|t| t.name).collect::<Vec<_>>().join(", ");
+    println!(
+        "(code generators today: {}; {} described but without a code generator yet)",
+        names(&with),
+        names(&without)
+    );
     Ok(ExitCode::SUCCESS)
 }
