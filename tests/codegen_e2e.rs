@@ -303,3 +303,26 @@ fn kiln_run_executes_an_artifact() {
     let a = read_tensor_file(&out.join("output_0.pb")).unwrap().1;
     compare::allclose(&e, &a, RTOL, ATOL).unwrap();
 }
+
+#[test]
+fn targets_lists_every_target_and_which_have_a_code_generator() {
+    let r = kiln(&["targets"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for t in kiln_targets::TARGETS {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", t.name))),
+            "{} missing:\n{}",
+            t.name,
+            r.stdout
+        );
+    }
+    let footer = r.stdout.lines().last().unwrap_or_default();
+    assert!(
+        footer.starts_with(
+            "(code generators today: x86_64, x86_64-v3, aarch64-neon, aarch64-neon-dotprod;"
+        ),
+        "{footer}"
+    );
+}
