@@ -51,18 +51,13 @@ fn check_outputs(what: &str, expected: &[Tensor], got: &[Tensor]) {
     }
 }
 
-/// Whether this CPU runs x86_64-v3 artifacts (AVX2 and FMA).
-fn host_has_v3() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
 fn check_x86(model: &str) {
     let (inputs, expected) = reference(model);
     let dir = tempfile::tempdir().unwrap();
     for target in ["x86_64", "x86_64-v3"] {
         let so = dir.path().join(format!("{model}-{target}.so"));
         compile(model, target, &so);
-        if target == "x86_64-v3" && !host_has_v3() {
+        if kiln_runtime::cpu::check_compatible(target, &[]).is_err() {
             // Without AVX2/FMA the runtime must refuse the artifact instead of crashing.
             let err = kiln_runtime::Model::load(&so).expect_err("v3 artifact refused");
             assert!(err.to_string().contains("lacks"), "{err}");

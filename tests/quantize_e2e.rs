@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use kiln_compiler::onnx::load_model;
 use kiln_compiler::{interp, Tensor};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `kiln compile MODEL --target TARGET --quantize q4 EXTRA... -o OUT`; returns its stdout.
@@ -304,16 +304,22 @@ fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
     }
 }
 
+/// A token file of 48 ids `(i * step + start) % 2048` (below tiny_llama's vocabulary of
+/// 2048: six 8-token windows) in `dir`.
+fn token_file(dir: &Path, step: i32, start: i32) -> PathBuf {
+    let tokens: Vec<u8> = (0..8 * 6)
+        .flat_map(|i: i32| ((i * step + start) % 2048).to_le_bytes())
+        .collect();
+    let tok = dir.join("tokens.i32");
+    std::fs::write(&tok, tokens).unwrap();
+    tok
+}
+
 #[test]
 fn awq_with_token_calibration_compiles_and_matches_its_graph() {
     let m = model_dir("tiny_llama");
     let dir = tempfile::tempdir().unwrap();
-    // Token ids below tiny_llama's vocabulary of 2048.
-    let tokens: Vec<u8> = (0..8 * 6)
-        .flat_map(|i: i32| ((i * 7919 + 13) % 2048).to_le_bytes())
-        .collect();
-    let tok = dir.path().join("tokens.i32");
-    std::fs::write(&tok, tokens).unwrap();
+    let tok = token_file(dir.path(), 7919, 13);
     let (onnx, so) = (dir.path().join("awq.onnx"), dir.path().join("awq.so"));
     let out = compile_q4(
         &m,
@@ -375,11 +381,7 @@ fn output_error_report(out: &str) -> (f64, Vec<(f64, f64)>) {
 fn per_layer_output_error_on_calibration_data_sorted_worst_first() {
     let m = model_dir("tiny_llama");
     let dir = tempfile::tempdir().unwrap();
-    let tokens: Vec<u8> = (0..8 * 6)
-        .flat_map(|i: i32| ((i * 104_729 + 7) % 2048).to_le_bytes())
-        .collect();
-    let tok = dir.path().join("tokens.i32");
-    std::fs::write(&tok, tokens).unwrap();
+    let tok = token_file(dir.path(), 104_729, 7);
     let report = |method: &str| {
         let so = dir.path().join(format!("{method}.so"));
         let out = compile_q4(

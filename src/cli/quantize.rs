@@ -6,11 +6,11 @@
 use crate::config::{Activations, QuantMethod, QuantSettings};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::ir::{Graph, Op, ValueDef};
+use kiln_compiler::ir::{Graph, NodeId, Op, ValueDef};
 use kiln_compiler::{DType, Tensor};
 use kiln_passes::quantize::{
     awq, plan_quantization, weight_columns, ExcludeLayers, ExclusionOptions, Glob,
-    LayerQuantization, QuantizeOptions, QuantizeWeights,
+    LayerQuantization, Precision, QuantizeOptions, QuantizeWeights,
 };
 use kiln_passes::Pass;
 use std::collections::HashMap;
@@ -85,9 +85,10 @@ pub fn apply(g: &mut Graph, q: &QuantSettings) -> Result<()> {
     }
     if let Some(path) = &q.calibration {
         // Calibration feeds the AWQ search and, for every method, the per-layer output error.
-        options.calibration = calibrate(g, path, q, &options)?;
+        let plan = plan_quantization(g, &options).map_err(anyhow::Error::msg)?;
+        options.calibration = calibrate(g, path, q, &plan)?;
         if q.method == QuantMethod::Awq {
-            options.awq_scales = awq_scales(g, q, &options)?;
+            options.awq_scales = awq_scales(g, q, &plan, &options.calibration);
         }
     }
     let (_, layers) = QuantizeWeights { options }.quantize(g)?;
@@ -101,10 +102,9 @@ fn calibrate(
     g: &Graph,
     path: &Path,
     q: &QuantSettings,
-    options: &QuantizeOptions,
+    plan: &[(NodeId, Precision)],
 ) -> Result<HashMap<String, awq::LayerActivations>> {
     let samples = load_calibration(g, path, q.calibration_samples)?;
-    let plan = plan_quantization(g, options).map_err(anyhow::Error::msg)?;
     let names: Vec<String> = plan
         .iter()
         .map(|(id, _)| g.nodes[*id].name.clone())
@@ -174,14 +174,13 @@ fn report_layers(layers: &[LayerQuantization]) {
 fn awq_scales(
     g: &Graph,
     q: &QuantSettings,
-    options: &QuantizeOptions,
-) -> Result<HashMap<String, Vec<f32>>> {
-    let stats = &options.calibration;
-    let plan = plan_quantization(g, options).map_err(anyhow::Error::msg)?;
+    plan: &[(NodeId, Precision)],
+    stats: &HashMap<String, awq::LayerActivations>,
+) -> HashMap<String, Vec<f32>> {
     let bar = progress(plan.len() as u64, "AWQ search");
     let mut scales = HashMap::new();
     let (mut err_rtn, mut err_awq) = (0f64, 0f64);
-    for (id, precision) in &plan {
+    for (id, precision) in plan {
         let n = &g.nodes[*id];
         bar.inc(1);
         let Some(act) = stats.get(&n.name) else {
@@ -190,11 +189,7 @@ fn awq_scales(
         let Some((cols, k, nn)) = weight_columns(g, n) else {
             continue;
         };
-        let bits = if *precision == kiln_passes::quantize::Precision::Int4 {
-            4
-        } else {
-            8
-        };
+        let bits = if *precision == Precision::Int4 { 4 } else { 8 };
         let r = awq::search_scales(act, &cols, nn, k, q.group_size, bits, q.symmetric, AWQ_GRID);
         err_rtn += r.error_rtn;
         err_awq += r.error_best;
@@ -215,7 +210,7 @@ fn awq_scales(
             0.0
         }
     );
-    Ok(scales)
+    scales
 }
 
 /// A progress bar in the style of every calibration step of `kiln compile`.

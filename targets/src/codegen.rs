@@ -208,7 +208,8 @@ struct KernelGen<'a, 'b> {
     /// Set while emitting the body of a vectorized loop.
     vec: Option<VecMode>,
     /// Loop variables whose value is currently an iteration's base plus a constant (the copies
-    /// of an unrolled loop body): addresses use the base and fold the constant.
+    /// of an unrolled loop body, the copies of a jammed vector loop): addresses use the base
+    /// and fold the constant. Entries live until their loop is emitted.
     unrolled: std::collections::HashMap<VarId, (Value, i64)>,
 }
 
@@ -220,8 +221,6 @@ struct VecMode {
     copies: Vec<std::collections::HashMap<VarId, Variable>>,
     /// The loop variable's value at the start of the current iteration (jammed loops).
     base: Option<Value>,
-    /// Lanes from `base` of the jammed copy being emitted.
-    copy_offset: i64,
 }
 
 /// The f32 vector type of vectorized loops (128-bit: NEON and SSE).
@@ -351,15 +350,9 @@ impl KernelGen<'_, '_> {
         }
         Ok(match e {
             Expr::Const(Const::I64(c)) => (None, *c),
-            Expr::Var(v) => match self.vec.as_ref() {
-                // A jammed copy's loop variable: the iteration's base plus the copy's lanes.
-                Some(m) if m.var == *v && m.copies.len() > 1 && m.base.is_some() => {
-                    (m.base, m.copy_offset)
-                }
-                _ => match self.unrolled.get(v) {
-                    Some(&(base, off)) => (Some(base), off),
-                    None => (Some(self.expr_as(e, Scalar::I64)?), 0),
-                },
+            Expr::Var(v) => match self.unrolled.get(v) {
+                Some(&(base, off)) => (Some(base), off),
+                None => (Some(self.expr_as(e, Scalar::I64)?), 0),
             },
             Expr::Bin {
                 op: BinOp::Add,
@@ -933,9 +926,9 @@ impl KernelGen<'_, '_> {
                 for c in 0..n {
                     let at = self.b.ins().iadd_imm_s(base, (c * LANES) as i64);
                     self.b.def_var(self.vars[var], at);
+                    self.unrolled.insert(var, (base, (c * LANES) as i64));
                     if let Some(m) = self.vec.as_mut() {
                         m.vvars = m.copies[c].clone();
-                        m.copy_offset = (c * LANES) as i64;
                     }
                     self.stmt(s)?;
                 }
@@ -1033,22 +1026,10 @@ impl KernelGen<'_, '_> {
                 let Expr::Bin { a: w, b: act, .. } = &**dot else {
                     unreachable!("matched above")
                 };
-                let parts = [
-                    self.vexpr_in(acc, Scalar::I32)?,
-                    self.vexpr_in(w, Scalar::I32)?,
-                    self.vexpr_in(act, Scalar::I32)?,
-                ];
-                if parts.iter().all(|(_, is_vec)| !is_vec) {
-                    return Ok((self.expr_as(e, class)?, false));
+                match self.vector_operands([acc, w, act], Scalar::I32)? {
+                    Some([acc, w, act]) => (self.dot_bytes(acc, w, act), true),
+                    None => (self.expr_as(e, class)?, false),
                 }
-                let [acc, w, act] = parts.map(|(v, is_vec)| {
-                    if is_vec {
-                        v
-                    } else {
-                        self.b.ins().splat(types::I32X4, v)
-                    }
-                });
-                (self.dot_bytes(acc, w, act), true)
             }
             Expr::Bin {
                 op: BinOp::Add,
@@ -1062,22 +1043,10 @@ impl KernelGen<'_, '_> {
                 let Expr::Bin { a: x, b: y, .. } = &**prod else {
                     unreachable!("matched above")
                 };
-                let parts = [
-                    self.vexpr_in(x, Scalar::F32)?,
-                    self.vexpr_in(y, Scalar::F32)?,
-                    self.vexpr_in(acc, Scalar::F32)?,
-                ];
-                if parts.iter().all(|(_, is_vec)| !is_vec) {
-                    return Ok((self.expr_as(e, class)?, false));
+                match self.vector_operands([x, y, acc], Scalar::F32)? {
+                    Some([x, y, acc]) => (self.b.ins().fma(x, y, acc), true),
+                    None => (self.expr_as(e, class)?, false),
                 }
-                let [x, y, acc] = parts.map(|(v, is_vec)| {
-                    if is_vec {
-                        v
-                    } else {
-                        self.b.ins().splat(VF32, v)
-                    }
-                });
-                (self.b.ins().fma(x, y, acc), true)
             }
             Expr::Bin { op, a, b } => {
                 let c = lane_class(self.operand_type(a, b));
@@ -1226,6 +1195,28 @@ impl KernelGen<'_, '_> {
         })
     }
 
+    /// Operands of a fused vector instruction in lane type `class`, invariant ones splatted;
+    /// `None` when all of them are invariant (the caller computes the expression in scalar).
+    fn vector_operands<const N: usize>(
+        &mut self,
+        operands: [&Expr; N],
+        class: Scalar,
+    ) -> Result<Option<[Value; N]>, CodegenError> {
+        let mut parts = Vec::with_capacity(N);
+        for e in operands {
+            parts.push(self.vexpr_in(e, class)?);
+        }
+        if parts.iter().all(|(_, is_vec)| !is_vec) {
+            return Ok(None);
+        }
+        let vt = vtype(class);
+        let values: Vec<Value> = parts
+            .into_iter()
+            .map(|(v, is_vec)| if is_vec { v } else { self.b.ins().splat(vt, v) })
+            .collect();
+        Ok(values.try_into().ok())
+    }
+
     /// `acc + DotBytes(w, a)` lane by lane on i32x4 vectors (see [`BinOp::DotBytes`]): on
     /// x86-64 `pmaddubsw` (signed activation bytes times unsigned weight bytes, pairs summed in
     /// i16) then `pmaddwd` by ones (pairs summed in i32); on aarch64 the widening dot-product
@@ -1346,7 +1337,6 @@ impl KernelGen<'_, '_> {
                 vvars: copies[0].clone(),
                 copies: copies.clone(),
                 base: None,
-                copy_offset: 0,
             });
             let r = self.emit_range_loop(var, start, end, (LANES * jam) as i64, body);
             self.vec = None;
@@ -1361,7 +1351,6 @@ impl KernelGen<'_, '_> {
                 vvars: copies[0].clone(),
                 copies: Vec::new(),
                 base: None,
-                copy_offset: 0,
             });
             let r = self.emit_range_loop(var, start, end, LANES as i64, body);
             self.vec = None;

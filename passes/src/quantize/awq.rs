@@ -113,13 +113,10 @@ pub fn output_error(
         sgemm(m, k, n, &act.rows, k as isize, 1, w, 1, k as isize, &mut y);
         y
     };
-    let (reference, got) = (product(original), product(effective));
-    let (mut num, mut den) = (0f64, 0f64);
-    for (a, b) in got.iter().zip(&reference) {
-        num += ((a - b) as f64).powi(2);
-        den += (*b as f64).powi(2);
-    }
-    Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 })
+    Some(rtn::relative_frobenius(
+        &product(original),
+        &product(effective),
+    ))
 }
 
 /// The outcome of the search for one layer.

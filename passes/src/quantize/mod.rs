@@ -738,12 +738,7 @@ impl QuantizeWeights {
                     }
                 }
             }
-            let (mut num, mut den) = (0f64, 0f64);
-            for (orig, back) in cols.iter().zip(&effective) {
-                num += ((orig - back) as f64).powi(2);
-                den += (*orig as f64).powi(2);
-            }
-            let relative_error = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
+            let relative_error = rtn::relative_frobenius(&cols, &effective);
             let output_error = o
                 .calibration
                 .get(&n.name)

@@ -67,18 +67,7 @@ impl Quantized {
 
     /// `||W - dequant(Q(W))|| / ||W||` over the whole matrix.
     pub fn relative_error(&self, original: &[f32]) -> f64 {
-        let deq = self.dequantize();
-        let (mut num, mut den) = (0f64, 0f64);
-        for (a, b) in original.iter().zip(&deq) {
-            let d = (*a - *b) as f64;
-            num += d * d;
-            den += (*a as f64) * (*a as f64);
-        }
-        if den > 0.0 {
-            (num / den).sqrt()
-        } else {
-            0.0
-        }
+        relative_frobenius(original, &self.dequantize())
     }
 
     /// Zero points in MatMulNBits' layout: `[N, ceil(blocks * bits / 8)]`, 4-bit ones two per
@@ -178,6 +167,21 @@ pub fn quantize(
         packed,
         scales,
         zero_points: (!symmetric).then_some(zps),
+    }
+}
+
+/// `||a - b|| / ||a||` (Frobenius, in f64); 0 when `a` is zero.
+pub fn relative_frobenius(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let d = (*x - *y) as f64;
+        num += d * d;
+        den += (*x as f64) * (*x as f64);
+    }
+    if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        0.0
     }
 }
 

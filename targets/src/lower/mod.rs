@@ -897,10 +897,7 @@ impl<'g> Lowerer<'g> {
         let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
         // Register blocking over rows: each step of the reduction loads a vector of B once and
         // uses it for `rows` rows of A (one accumulator per row).
-        let rows = [8usize, 4, 2, 1]
-            .into_iter()
-            .find(|r| m.is_multiple_of(*r))
-            .unwrap_or(1);
+        let rows = row_tile(m, 8);
         let accs: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
         let mut ext = batch.clone();
         ext.push(m / rows);
@@ -1511,6 +1508,16 @@ impl<'g> Lowerer<'g> {
         });
         Ok(())
     }
+}
+
+/// Rows of a register tile over `m` rows: the largest power of two up to `max` that divides
+/// `m`, so that whole tiles cover the rows.
+pub(crate) fn row_tile(m: usize, max: usize) -> usize {
+    (0..=max.max(1).ilog2())
+        .rev()
+        .map(|e| 1usize << e)
+        .find(|r| m.is_multiple_of(*r))
+        .unwrap_or(1)
 }
 
 /// Block length of [`blocked_sum`].

@@ -10,10 +10,10 @@
 //! tile, outside the reduction. Columns left over after the whole panels form one narrower
 //! panel with its own kernel; rows left over form one shorter tile.
 
-use super::{quant, Lowerer, R, SUM_BLOCK};
+use super::quant::{self, reads_as_b};
+use super::{Lowerer, R, SUM_BLOCK};
 use crate::loop_ir::*;
-use kiln_compiler::dtype::DType;
-use kiln_compiler::ir::{Node, Op, ValueId};
+use kiln_compiler::ir::{Node, NodeId, Op, ValueId};
 
 /// Register tile of the packed matrix kernels, chosen per target (see [`crate::compile`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,20 @@ impl Default for LowerOptions {
         LowerOptions {
             gemm_rows: 4,
             gemm_panel: 8,
+        }
+    }
+}
+
+impl LowerOptions {
+    /// The register tile for a target's vector registers: 16 on x86-64 (SSE), 32 on aarch64
+    /// (NEON), where 8 rows x 8 columns keep sixteen accumulators.
+    pub fn for_target(target: &crate::Target) -> Self {
+        match target.isa {
+            crate::Isa::Aarch64 => LowerOptions {
+                gemm_rows: 8,
+                gemm_panel: 8,
+            },
+            _ => LowerOptions::default(),
         }
     }
 }
@@ -127,43 +141,23 @@ impl Lowerer<'_> {
         if self.g.outputs.contains(&src) {
             return Readers::Others;
         }
-        let as_b = |node: &Node, v: ValueId| {
-            matches!(node.op, Op::MatMul | Op::Gemm { .. })
-                && node.inputs.get(1) == Some(&Some(v))
-                && node.inputs.first() != Some(&Some(v))
-                && node.inputs.get(2) != Some(&Some(v))
-        };
+        let gemm = |c: &NodeId| matches!(self.g.nodes[*c].op, Op::Gemm { .. });
         let (mut gathers, mut gemms, mut products) = (false, false, false);
         for c in self.g.consumers(src) {
             let node = &self.g.nodes[c];
-            match &node.op {
-                Op::Gather { .. }
-                    if node.inputs.first() == Some(&Some(src))
-                        && !node.inputs[1..].contains(&Some(src)) =>
-                {
-                    gathers = true
-                }
-                Op::Cast { to: DType::F32, .. }
-                    if self.g.value(src).ty.dtype == Some(DType::F16) =>
-                {
-                    let out = node.outputs[0];
-                    let readers = self.g.consumers(out);
-                    if self.g.outputs.contains(&out)
-                        || readers.is_empty()
-                        || !readers.iter().all(|&r| as_b(&self.g.nodes[r], out))
-                    {
-                        return Readers::Others;
-                    }
-                    products = true;
-                    gemms |= readers
-                        .iter()
-                        .any(|&r| matches!(self.g.nodes[r].op, Op::Gemm { .. }));
-                }
-                _ if as_b(node, src) => {
-                    products = true;
-                    gemms |= matches!(node.op, Op::Gemm { .. });
-                }
-                _ => return Readers::Others,
+            if matches!(node.op, Op::Gather { .. })
+                && node.inputs.first() == Some(&Some(src))
+                && !node.inputs[1..].contains(&Some(src))
+            {
+                gathers = true;
+            } else if reads_as_b(node, src) {
+                products = true;
+                gemms |= gemm(&c);
+            } else if let Some((_, readers)) = self.widened_by_products(node) {
+                products = true;
+                gemms |= readers.iter().any(gemm);
+            } else {
+                return Readers::Others;
             }
         }
         let rank2 = self.g.value(src).ty.static_shape().map(|s| s.len()) == Some(2);
@@ -436,20 +430,6 @@ impl Lowerer<'_> {
         });
         self.p.steps.push(super::Step { kernel: k, args });
         Ok(())
-    }
-}
-
-impl LowerOptions {
-    /// The register tile for a target's vector registers: 16 on x86-64 (SSE), 32 on aarch64
-    /// (NEON), where 8 rows x 8 columns keep sixteen accumulators.
-    pub fn for_target(target: &crate::Target) -> Self {
-        match target.isa {
-            crate::Isa::Aarch64 => LowerOptions {
-                gemm_rows: 8,
-                gemm_panel: 8,
-            },
-            _ => LowerOptions::default(),
-        }
     }
 }
 

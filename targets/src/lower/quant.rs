@@ -14,7 +14,7 @@
 use super::{BufKind, Buffer, Lowerer, Step, R};
 use crate::loop_ir::*;
 use kiln_compiler::dtype::DType;
-use kiln_compiler::ir::{Node, Op, ValueId};
+use kiln_compiler::ir::{Node, NodeId, Op, ValueId};
 
 /// 2^112: rebias factor from a half's exponent field placed in an f32 to the f32 exponent.
 const F16_REBIAS: f32 = 5.192_297e33;
@@ -54,35 +54,43 @@ pub(crate) fn has_f16_specials(bytes: &[u8]) -> bool {
         .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
 }
 
+/// Whether `node` is a MatMul or Gemm reading `v` as B, and only as B.
+pub(super) fn reads_as_b(node: &Node, v: ValueId) -> bool {
+    matches!(node.op, Op::MatMul | Op::Gemm { .. })
+        && node.inputs.get(1) == Some(&Some(v))
+        && node.inputs.first() != Some(&Some(v))
+        && node.inputs.get(2) != Some(&Some(v))
+}
+
 impl Lowerer<'_> {
-    /// A Cast from f16 to f32 whose every consumer is a matrix product reading it as B is not
-    /// materialized: the products read the half bits and widen them in registers.
-    pub(super) fn widen_in_consumers(&mut self, n: &Node) -> R<bool> {
+    /// For a Cast from f16 to f32 that only matrix products read, as B: its input and its
+    /// consumers. Such a Cast is not materialized (see [`Self::widen_in_consumers`]).
+    pub(super) fn widened_by_products(&self, n: &Node) -> Option<(ValueId, Vec<NodeId>)> {
         let (Some(Some(src)), Some(&out)) = (n.inputs.first(), n.outputs.first()) else {
-            return Ok(false);
+            return None;
         };
         let is_f16 = self.g.value(*src).ty.dtype == Some(DType::F16);
         let to_f32 = matches!(n.op, Op::Cast { to: DType::F32, .. });
         if !is_f16 || !to_f32 || self.g.outputs.contains(&out) {
-            return Ok(false);
+            return None;
         }
         let consumers = self.g.consumers(out);
-        let all_products = !consumers.is_empty()
-            && consumers.iter().all(|&c| {
-                let node = &self.g.nodes[c];
-                matches!(node.op, Op::MatMul | Op::Gemm { .. })
-                    && node.inputs.first() != Some(&Some(out))
-                    && node.inputs.get(2) != Some(&Some(out))
-                    && node.inputs.get(1) == Some(&Some(out))
-            });
-        if !all_products {
+        let all_products =
+            !consumers.is_empty() && consumers.iter().all(|&c| reads_as_b(&self.g.nodes[c], out));
+        all_products.then_some((*src, consumers))
+    }
+
+    /// A Cast from f16 to f32 whose every consumer is a matrix product reading it as B is not
+    /// materialized: the products read the half bits and widen them in registers.
+    pub(super) fn widen_in_consumers(&mut self, n: &Node) -> R<bool> {
+        let Some((src, _)) = self.widened_by_products(n) else {
             return Ok(false);
-        }
-        let specials = match self.g.constant(*src) {
+        };
+        let specials = match self.g.constant(src) {
             Some(c) => has_f16_specials(&c.bytes),
             None => true,
         };
-        self.f16_widened.insert(out, (*src, specials));
+        self.f16_widened.insert(n.outputs[0], (src, specials));
         Ok(true)
     }
 
@@ -253,10 +261,7 @@ impl Lowerer<'_> {
         let yp = k.param("y", Scalar::F32, m * nn, true);
         // Four rows share each dequantized vector: with their partial sums and the block's
         // scale and zero point that is 12 vector locals, which fits 16 SSE registers.
-        let rows = [4usize, 2, 1]
-            .into_iter()
-            .find(|r| m.is_multiple_of(*r))
-            .unwrap_or(1);
+        let rows = super::row_tile(m, 4);
         let accs: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
         let parts: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
         let (zv, sv, lo, hi) = (

@@ -145,10 +145,7 @@ impl Lowerer<'_> {
         let yp = k.param("y", Scalar::F32, m * nn, true);
         // Rows of A sharing each weight vector: two locals per row (the block's i32 sum and
         // the f32 total) plus the word and its two nibble halves fit 16 SSE registers at 4.
-        let rows = [4usize, 2, 1]
-            .into_iter()
-            .find(|r| m.is_multiple_of(*r))
-            .unwrap_or(1);
+        let rows = super::row_tile(m, 4);
         let sums: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::I32)).collect();
         let totals: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
         let (word, lo, hi) = (
