@@ -117,6 +117,15 @@ impl ModuleBuilder {
         let name = self.func_names[index as usize].clone();
         let names = func.params.user_named_funcs().clone();
         let mut ctx = Context::for_function(func);
+        // KILN_DUMP_CLIF=SUFFIX prints the CLIF, the optimized CLIF and the machine code of
+        // every function whose name ends with SUFFIX (a developer's aid; see ARCHITECTURE.md).
+        let dump = std::env::var("KILN_DUMP_CLIF")
+            .ok()
+            .filter(|d| name.ends_with(d.as_str()));
+        if dump.is_some() {
+            eprintln!("==== {name} before\n{}", ctx.func.display());
+            ctx.set_disasm(true);
+        }
         let code = ctx
             .compile(&*self.isa, &mut ControlPlane::default())
             .map_err(|e| CodegenError::Compile {
@@ -124,6 +133,9 @@ impl ModuleBuilder {
                 reason: format!("{:?}", e.inner),
             })?;
         let bytes = code.code_buffer().to_vec();
+        if dump.is_some() {
+            eprintln!("==== {name} vcode\n{}", code.vcode.clone().unwrap_or_default());
+        }
         let mut relocs = Vec::new();
         for r in code.buffer.relocs() {
             let (target, extra) = match &r.target {
@@ -163,6 +175,9 @@ impl ModuleBuilder {
                 target,
                 addend: r.addend + extra,
             });
+        }
+        if dump.is_some() {
+            eprintln!("==== {name} optimized\n{}", ctx.func.display());
         }
         self.functions.push(FunctionBlob {
             name,
@@ -1387,6 +1402,13 @@ impl KernelGen<'_, '_> {
         let iv = self.b.use_var(v);
         let cond = self.b.ins().icmp(IntCC::SignedLessThan, iv, end);
         self.b.ins().brif(cond, body_block, &[], exit, &[]);
+        // Blocks are sealed as soon as all their predecessors exist: the body and the exit
+        // have only the header, the header gets its back edge below. A variable the loop
+        // does not change then gets no block parameter on the header (sealing everything at
+        // the end left one per outer loop variable on every inner header, each a register
+        // carried around the loop).
+        self.b.seal_block(body_block);
+        self.b.seal_block(exit);
         self.b.switch_to_block(body_block);
         let base = self.b.use_var(v);
         if let Some(m) = self.vec.as_mut().filter(|m| m.var == var) {
@@ -1406,6 +1428,7 @@ impl KernelGen<'_, '_> {
         let next = self.b.ins().iadd_imm_s(base, step);
         self.b.def_var(v, next);
         self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
         self.b.switch_to_block(exit);
         Ok(())
     }
@@ -1470,6 +1493,7 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
+    b.seal_block(entry);
     let (bufs, start, end) = (
         b.block_params(entry)[0],
         b.block_params(entry)[1],
