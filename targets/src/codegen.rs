@@ -269,6 +269,17 @@ fn flags() -> MemFlagsData {
     MemFlagsData::trusted()
 }
 
+/// `f` for a load from a buffer the kernel does not write. A kernel's buffers never overlap
+/// (the memory plan keeps a step's inputs and outputs apart), and every load is unconditional
+/// and in bounds (guards are selects, not branches; empty loops are not emitted). So such a
+/// load is a pure value to Cranelift: equal loads merge, invariant ones leave loops, and each
+/// is placed next to its first use instead of where it was emitted. The last point matters
+/// for unrolled reductions, whose loads would otherwise all be issued first and held in
+/// registers (spills).
+fn read_only(f: MemFlagsData) -> MemFlagsData {
+    f.with_notrap().with_readonly().with_can_move()
+}
+
 impl KernelGen<'_, '_> {
     fn err(&self, reason: impl Into<String>) -> CodegenError {
         CodegenError::Kernel {
@@ -411,7 +422,8 @@ impl KernelGen<'_, '_> {
             Expr::Load { buf, index } => {
                 let (addr, off) = self.address(*buf, index)?;
                 let ty = clty(self.k.params[*buf].scalar);
-                self.b.ins().load(ty, flags(), addr, off)
+                let f = self.load_flags(*buf, flags());
+                self.b.ins().load(ty, f, addr, off)
             }
             Expr::Bin { op, a, b } => {
                 let t = self.operand_type(a, b);
@@ -977,6 +989,9 @@ impl KernelGen<'_, '_> {
                         self.b.ins().store(flags(), v, addr, off);
                     }
                 }
+                // An empty loop is not emitted at all: its body's loads could otherwise be
+                // hoisted out of it (see `read_only`) and read out of bounds.
+                Stmt::Loop { extent: 0, .. } => {}
                 Stmt::Loop {
                     var,
                     extent,
@@ -1020,10 +1035,7 @@ impl KernelGen<'_, '_> {
             },
             Expr::Load { buf, index } if linear_coeff(index, var) == Some(1) => {
                 let (addr, off) = self.address(*buf, index)?;
-                (
-                    self.vector_load(self.k.params[*buf].scalar, addr, off)?,
-                    true,
-                )
+                (self.vector_load(*buf, addr, off)?, true)
             }
             Expr::Bin {
                 op: BinOp::Add,
@@ -1264,14 +1276,26 @@ impl KernelGen<'_, '_> {
         self.b.ins().iadd(dot, acc)
     }
 
-    /// A vector load of 4 consecutive elements of type `s`, as f32x4 or i32x4.
-    fn vector_load(&mut self, s: Scalar, addr: Value, off: i32) -> Result<Value, CodegenError> {
+    /// The flags of a load from buffer `buf`: `base`, made read-only when the kernel does not
+    /// write the buffer.
+    fn load_flags(&self, buf: usize, base: MemFlagsData) -> MemFlagsData {
+        if self.k.params[buf].writes {
+            base
+        } else {
+            read_only(base)
+        }
+    }
+
+    /// A vector load of 4 consecutive elements of buffer `buf`, as f32x4 or i32x4.
+    fn vector_load(&mut self, buf: usize, addr: Value, off: i32) -> Result<Value, CodegenError> {
         let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
+        let s = self.k.params[buf].scalar;
+        let vflags = self.load_flags(buf, vflags());
         Ok(match s {
-            Scalar::F32 => self.b.ins().load(VF32, vflags(), addr, off),
-            Scalar::I32 => self.b.ins().load(types::I32X4, vflags(), addr, off),
+            Scalar::F32 => self.b.ins().load(VF32, vflags, addr, off),
+            Scalar::I32 => self.b.ins().load(types::I32X4, vflags, addr, off),
             Scalar::U8 | Scalar::I8 | Scalar::Bool => {
-                let w = self.b.ins().load(types::I32, vflags(), addr, off);
+                let w = self.b.ins().load(types::I32, vflags, addr, off);
                 let v = self.b.ins().scalar_to_vector(types::I32X4, w);
                 let v = self.b.ins().bitcast(types::I8X16, le, v);
                 if s == Scalar::I8 {
@@ -1283,7 +1307,7 @@ impl KernelGen<'_, '_> {
                 }
             }
             Scalar::U16 | Scalar::I16 | Scalar::F16 => {
-                let w = self.b.ins().load(types::I64, vflags(), addr, off);
+                let w = self.b.ins().load(types::I64, vflags, addr, off);
                 let v = self.b.ins().scalar_to_vector(types::I64X2, w);
                 let v = self.b.ins().bitcast(types::I16X8, le, v);
                 if s == Scalar::I16 {
