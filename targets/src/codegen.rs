@@ -134,7 +134,10 @@ impl ModuleBuilder {
             })?;
         let bytes = code.code_buffer().to_vec();
         if dump.is_some() {
-            eprintln!("==== {name} vcode\n{}", code.vcode.clone().unwrap_or_default());
+            eprintln!(
+                "==== {name} vcode\n{}",
+                code.vcode.clone().unwrap_or_default()
+            );
         }
         let mut relocs = Vec::new();
         for r in code.buffer.relocs() {
