@@ -2,8 +2,9 @@
 //! quantized graph (written with `--emit-onnx`) is the reference: Kiln's artifacts for x86_64
 //! (native) and both aarch64 profiles (qemu) must match the interpreter on it, and onnxruntime
 //! must run it and agree. On SmolLM2: automatic f16 exclusions, artifact size against the
-//! expected INT4 + f16 size, perplexity parity with onnxruntime's own INT4 quantization, and
-//! aarch64 logits equal to x86_64's. Also AWQ on token calibration, and bad settings.
+//! expected INT4 + f16 size, RTN perplexity over the 64 reference windows no worse than
+//! onnxruntime's own INT4 quantization, and aarch64 logits equal to x86_64's. Also AWQ on
+//! token calibration, and bad settings.
 
 mod common;
 
@@ -243,7 +244,7 @@ fn window_nlls(stdout: &str) -> Vec<f64> {
 }
 
 #[test]
-fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
+fn smollm2_int4_rtn_perplexity_is_no_worse_than_onnxruntime_int4() {
     let m = model_dir("smollm2_135m_seq128");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(m.join("reference.json")).unwrap()).unwrap();
@@ -263,6 +264,7 @@ fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
     let so = dir.path().join("q4.so");
     compile_q4(&m, "x86_64", &[], &so);
     let tokens = repo_root().join("tests/data/lee_background.smollm2.i32");
+    // The protocol of reference.json: the first 64 windows of 128 tokens.
     let r = kiln(&[
         "eval",
         so.to_str().unwrap(),
@@ -271,26 +273,21 @@ fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
         "--window",
         "128",
         "--windows",
-        "3",
+        "64",
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(r
-        .stdout
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap()
-        .starts_with("perplexity: "));
+    let last = r.stdout.trim_end().lines().last().unwrap().to_string();
+    let ours_ppl: f64 = last
+        .strip_prefix("perplexity: ")
+        .unwrap_or_else(|| panic!("last line {last:?}"))
+        .parse()
+        .unwrap();
     let ours = window_nlls(&r.stdout);
-    assert_eq!(ours.len(), 3);
+    assert_eq!(ours.len(), 64);
     for (w, nll) in ours.iter().enumerate() {
         let rel = (nll - ort_int4[w]) / ort_int4[w];
-        eprintln!(
-            "window {w}: kiln int4 {nll:.3}, onnxruntime int4 {:.3}, fp32 {:.3}",
-            ort_int4[w], fp32[w]
-        );
-        // Same algorithm as onnxruntime's quantizer (f16 scales and f16 exclusions apart):
-        // within 0.5% per window, and quantization must cost something against fp32.
+        // Same grid as onnxruntime's quantizer: within 0.5% on every window (measured: at
+        // most 0.07%), and quantization must cost something against fp32.
         assert!(
             rel.abs() < 0.005,
             "window {w}: {nll} vs onnxruntime int4 {}",
@@ -302,6 +299,15 @@ fn smollm2_int4_perplexity_is_on_par_with_onnxruntime_int4() {
             fp32[w]
         );
     }
+    let ort_ppl = reference["int4_ort_matmulnbits"]["perplexity"]
+        .as_f64()
+        .unwrap();
+    eprintln!("SmolLM2 INT4 RTN perplexity: kiln {ours_ppl:.4}, onnxruntime {ort_ppl:.4}");
+    // The bar: no worse than onnxruntime's own INT4 quantization (same settings).
+    assert!(
+        ours_ppl <= ort_ppl,
+        "kiln int4 perplexity {ours_ppl} above onnxruntime int4 {ort_ppl}"
+    );
 }
 
 /// A token file of 48 ids `(i * step + start) % 2048` (below tiny_llama's vocabulary of

@@ -229,6 +229,9 @@ struct KernelGen<'a, 'b> {
     /// of an unrolled loop body, the copies of a jammed vector loop): addresses use the base
     /// and fold the constant. Entries live until their loop is emitted.
     unrolled: std::collections::HashMap<VarId, (Value, i64)>,
+    /// Whether loads from unwritten buffers may be pure (see [`read_only`]): false when the
+    /// step passes a buffer it writes at another parameter too.
+    pure_loads: bool,
 }
 
 /// State of a vectorized loop: its variable, and a vector variable per local it assigns
@@ -273,7 +276,8 @@ fn flags() -> MemFlagsData {
 }
 
 /// `f` for a load from a buffer the kernel does not write. A kernel's buffers never overlap
-/// (the memory plan keeps a step's inputs and outputs apart), and every load is unconditional
+/// (the memory plan keeps a step's inputs and outputs apart; a step passing a buffer it writes
+/// at a second parameter gets ordinary loads), and every load is unconditional
 /// and in bounds (guards are selects, not branches; empty loops are not emitted). So such a
 /// load is a pure value to Cranelift: equal loads merge, invariant ones leave loops, and each
 /// is placed next to its first use instead of where it was emitted. The last point matters
@@ -1282,7 +1286,7 @@ impl KernelGen<'_, '_> {
     /// The flags of a load from buffer `buf`: `base`, made read-only when the kernel does not
     /// write the buffer.
     fn load_flags(&self, buf: usize, base: MemFlagsData) -> MemFlagsData {
-        if self.k.params[buf].writes {
+        if self.k.params[buf].writes || !self.pure_loads {
             base
         } else {
             read_only(base)
@@ -1512,7 +1516,11 @@ fn parallel_extent(k: &Kernel) -> Option<usize> {
     })
 }
 
-fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, CodegenError> {
+fn kernel_function(
+    m: &ModuleBuilder,
+    k: &Kernel,
+    pure_loads: bool,
+) -> Result<ir::Function, CodegenError> {
     let sig = m.signature(&[m.ptr(), types::I64, types::I64], None);
     let mut func = ir::Function::with_name_signature(UserFuncName::user(NS_FUNC, 0), sig);
     let mut fctx = FunctionBuilderContext::new();
@@ -1550,6 +1558,7 @@ fn kernel_function(m: &ModuleBuilder, k: &Kernel) -> Result<ir::Function, Codege
         range: (start, end),
         vec: None,
         unrolled: std::collections::HashMap::new(),
+        pure_loads,
     };
     g.stmts(&k.body)?;
     b.ins().return_(&[]);
@@ -1599,7 +1608,12 @@ pub fn generate(
     let mut kernel_ids = Vec::new();
     for (si, s) in p.steps.iter().enumerate() {
         let id = m.declare_function(format!("kiln_k{si}_{}", sanitize(&s.kernel.name)));
-        let f = kernel_function(&m, &s.kernel)?;
+        // A buffer written through one parameter and passed at another would make the
+        // other's loads depend on the kernel's own stores.
+        let aliased = s.args.iter().enumerate().any(|(i, b)| {
+            s.kernel.params[i].writes && s.args.iter().filter(|c| *c == b).count() > 1
+        });
+        let f = kernel_function(&m, &s.kernel, !aliased)?;
         m.compile(id, f)?;
         kernel_ids.push(id);
     }
