@@ -279,10 +279,12 @@ fn flags() -> MemFlagsData {
 /// (the memory plan keeps a step's inputs and outputs apart; a step passing a buffer it writes
 /// at a second parameter gets ordinary loads), and every load is unconditional
 /// and in bounds (guards are selects, not branches; empty loops are not emitted). So such a
-/// load is a pure value to Cranelift: equal loads merge, invariant ones leave loops, and each
-/// is placed next to its first use instead of where it was emitted. The last point matters
-/// for unrolled reductions, whose loads would otherwise all be issued first and held in
-/// registers (spills).
+/// load is a pure value to Cranelift: equal loads merge and each is placed next to its first
+/// use instead of where it was emitted, which matters for unrolled reductions, whose loads
+/// would otherwise all be issued first and held in registers (spills). `can_move` also lets
+/// the optimizer hoist invariant loads out of loops; Cranelift 0.135 does not hoist anything
+/// out of our loops today (not even a product of two function arguments), but the flags must
+/// stay correct for when it does.
 fn read_only(f: MemFlagsData) -> MemFlagsData {
     f.with_notrap().with_readonly().with_can_move()
 }
