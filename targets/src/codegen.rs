@@ -91,6 +91,9 @@ struct ModuleBuilder {
     func_names: Vec<String>,
     functions: Vec<FunctionBlob>,
     data: Vec<DataBlob>,
+    /// `KILN_DUMP_CLIF=SUFFIX`: print the CLIF, the optimized CLIF and the machine code of
+    /// every function whose name ends with SUFFIX (a developer's aid; see ARCHITECTURE.md).
+    dump_clif: Option<String>,
 }
 
 impl ModuleBuilder {
@@ -117,12 +120,8 @@ impl ModuleBuilder {
         let name = self.func_names[index as usize].clone();
         let names = func.params.user_named_funcs().clone();
         let mut ctx = Context::for_function(func);
-        // KILN_DUMP_CLIF=SUFFIX prints the CLIF, the optimized CLIF and the machine code of
-        // every function whose name ends with SUFFIX (a developer's aid; see ARCHITECTURE.md).
-        let dump = std::env::var("KILN_DUMP_CLIF")
-            .ok()
-            .filter(|d| name.ends_with(d.as_str()));
-        if dump.is_some() {
+        let dump = self.dump_clif.as_deref().is_some_and(|d| name.ends_with(d));
+        if dump {
             eprintln!("==== {name} before\n{}", ctx.func.display());
             ctx.set_disasm(true);
         }
@@ -133,7 +132,7 @@ impl ModuleBuilder {
                 reason: format!("{:?}", e.inner),
             })?;
         let bytes = code.code_buffer().to_vec();
-        if dump.is_some() {
+        if dump {
             eprintln!(
                 "==== {name} vcode\n{}",
                 code.vcode.clone().unwrap_or_default()
@@ -179,7 +178,7 @@ impl ModuleBuilder {
                 addend: r.addend + extra,
             });
         }
-        if dump.is_some() {
+        if dump {
             eprintln!("==== {name} optimized\n{}", ctx.func.display());
         }
         self.functions.push(FunctionBlob {
@@ -229,7 +228,7 @@ struct KernelGen<'a, 'b> {
     /// of an unrolled loop body, the copies of a jammed vector loop): addresses use the base
     /// and fold the constant. Entries live until their loop is emitted.
     unrolled: std::collections::HashMap<VarId, (Value, i64)>,
-    /// Whether loads from unwritten buffers may be pure (see [`read_only`]): false when the
+    /// Whether loads from unwritten buffers may be pure (see [`KernelGen::load_flags`]): false when the
     /// step passes a buffer it writes at another parameter too.
     pure_loads: bool,
 }
@@ -273,20 +272,6 @@ fn vflags() -> MemFlagsData {
 
 fn flags() -> MemFlagsData {
     MemFlagsData::trusted()
-}
-
-/// `f` for a load from a buffer the kernel does not write. A kernel's buffers never overlap
-/// (the memory plan keeps a step's inputs and outputs apart; a step passing a buffer it writes
-/// at a second parameter gets ordinary loads), and every load is unconditional
-/// and in bounds (guards are selects, not branches; empty loops are not emitted). So such a
-/// load is a pure value to Cranelift: equal loads merge and each is placed next to its first
-/// use instead of where it was emitted, which matters for unrolled reductions, whose loads
-/// would otherwise all be issued first and held in registers (spills). `can_move` also lets
-/// the optimizer hoist invariant loads out of loops; Cranelift 0.135 does not hoist anything
-/// out of our loops today (not even a product of two function arguments), but the flags must
-/// stay correct for when it does.
-fn read_only(f: MemFlagsData) -> MemFlagsData {
-    f.with_notrap().with_readonly().with_can_move()
 }
 
 impl KernelGen<'_, '_> {
@@ -999,7 +984,7 @@ impl KernelGen<'_, '_> {
                     }
                 }
                 // An empty loop is not emitted at all: its body's loads could otherwise be
-                // hoisted out of it (see `read_only`) and read out of bounds.
+                // hoisted out of it (see `load_flags`) and read out of bounds.
                 Stmt::Loop { extent: 0, .. } => {}
                 Stmt::Loop {
                     var,
@@ -1285,13 +1270,22 @@ impl KernelGen<'_, '_> {
         self.b.ins().iadd(dot, acc)
     }
 
-    /// The flags of a load from buffer `buf`: `base`, made read-only when the kernel does not
-    /// write the buffer.
+    /// The flags of a load from buffer `buf`: `base`, made read-only, non-trapping and
+    /// movable when the kernel does not write the buffer. A kernel's buffers never overlap
+    /// (the memory plan keeps a step's inputs and outputs apart; a step passing a buffer it
+    /// writes at a second parameter gets ordinary loads), and every load is unconditional and
+    /// in bounds (guards are selects, not branches; empty loops are not emitted). So such a
+    /// load is a pure value to Cranelift: equal loads merge and each is placed next to its
+    /// first use instead of where it was emitted, which matters for unrolled reductions, whose
+    /// loads would otherwise all be issued first and held in registers (spills). `can_move`
+    /// also lets the optimizer hoist invariant loads out of loops; Cranelift 0.135 does not
+    /// hoist anything out of our loops today (not even a product of two function arguments),
+    /// but the flags must stay correct for when it does.
     fn load_flags(&self, buf: usize, base: MemFlagsData) -> MemFlagsData {
         if self.k.params[buf].writes || !self.pure_loads {
             base
         } else {
-            read_only(base)
+            base.with_notrap().with_readonly().with_can_move()
         }
     }
 
@@ -1596,6 +1590,7 @@ pub fn generate(
         func_names: Vec::new(),
         functions: Vec::new(),
         data: Vec::new(),
+        dump_clif: std::env::var("KILN_DUMP_CLIF").ok(),
     };
     // Weights first (one blob each, 64-byte aligned).
     let mut weight_sym: Vec<Option<u32>> = vec![None; p.buffers.len()];
