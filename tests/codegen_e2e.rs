@@ -316,7 +316,7 @@ fn targets_lists_every_target_and_which_have_a_code_generator() {
     let footer = r.stdout.lines().last().unwrap_or_default();
     assert!(
         footer.starts_with(
-            "(code generators today: x86_64, x86_64-v3, aarch64-neon, aarch64-neon-dotprod;"
+            "(code generators today: x86_64, x86_64-v3, x86_64-v3-vnni, aarch64-neon, aarch64-neon-dotprod;"
         ),
         "{footer}"
     );

@@ -293,7 +293,7 @@ fn bad_configs_are_one_line_errors_with_positions() {
             yaml: "model_compilation:\n  model: tiny_llama/model.onnx\n  target_device:\n    - aarch64-neon\n    - x86-64\n",
             args: &[],
             at: "5:7",
-            text: "unknown target 'x86-64'; did you mean 'x86_64'? (targets: x86_64, x86_64-v3, aarch64-neon,",
+            text: "unknown target 'x86-64'; did you mean 'x86_64'? (targets: x86_64, x86_64-v3, x86_64-v3-vnni, aarch64-neon,",
         },
         Bad {
             name: "missing model",

@@ -42,7 +42,7 @@ fn qemu_outputs(so: &Path, cpu: &str, inputs: &[Tensor], like: &[Tensor]) -> Vec
 }
 
 /// With f32 activations and with int8 ones (accuracy level 4: activations quantized per group,
-/// integer dot products, `sdot` under dotprod), on every target.
+/// integer dot products: `sdot` under dotprod, `vpdpbusd` with AVX-VNNI), on every target.
 #[test]
 fn tiny_llama_q4_artifacts_match_the_quantized_graph_on_every_target() {
     let m = model_dir("tiny_llama");
@@ -51,7 +51,7 @@ fn tiny_llama_q4_artifacts_match_the_quantized_graph_on_every_target() {
     for activations in ["f32", "int8"] {
         let onnx = dir.path().join(format!("q4_{activations}.onnx"));
         let mut reference = None;
-        for target in ["x86_64", "aarch64-neon", "aarch64-neon-dotprod"] {
+        for target in INT8_TARGETS {
             let so = dir.path().join(format!("q4_{activations}_{target}.so"));
             let out = compile_q4(
                 &m,
@@ -86,10 +86,8 @@ fn tiny_llama_q4_artifacts_match_the_quantized_graph_on_every_target() {
                 );
                 interp::run(&g, &inputs).unwrap()
             });
-            let got = match target {
-                "x86_64" => run_native(&so, &inputs, 2),
-                "aarch64-neon" => qemu_outputs(&so, "cortex-a72", &inputs, expected),
-                _ => qemu_outputs(&so, "max", &inputs, expected),
+            let Some(got) = run_int8_target(&so, target, &inputs, expected) else {
+                continue;
             };
             close(
                 &format!("tiny_llama q4 {activations} activations {target}"),
@@ -120,21 +118,87 @@ fn emitted_onnx_runs_in_onnxruntime_and_matches_the_artifact() {
     );
 }
 
+/// The targets that run int8 products here: x86_64 natively (x86_64-v3-vnni where the host
+/// has AVX-VNNI; elsewhere the runtime must refuse it), both aarch64 profiles under qemu.
+const INT8_TARGETS: [&str; 4] = [
+    "x86_64",
+    "x86_64-v3-vnni",
+    "aarch64-neon",
+    "aarch64-neon-dotprod",
+];
+
+/// Runs an artifact compiled for one of [`INT8_TARGETS`]; `None` where this host cannot run
+/// it, after checking that the runtime refuses it with a clear reason.
+fn run_int8_target(
+    so: &Path,
+    target: &str,
+    inputs: &[Tensor],
+    expected: &[Tensor],
+) -> Option<Vec<Tensor>> {
+    Some(match target {
+        "aarch64-neon" => qemu_outputs(so, "cortex-a72", inputs, expected),
+        "aarch64-neon-dotprod" => qemu_outputs(so, "max", inputs, expected),
+        _ if kiln_runtime::cpu::check_compatible(target, &[]).is_err() => {
+            let err = kiln_runtime::Model::load(so).expect_err("artifact refused");
+            assert!(err.to_string().contains("lacks"), "{err}");
+            return None;
+        }
+        _ => run_native(so, inputs, 2),
+    })
+}
+
+/// The disassembly of an artifact (binutils' objdump for its architecture).
+fn disassemble(so: &Path, target: &str) -> String {
+    let objdump = if target.starts_with("aarch64") {
+        tool("aarch64-linux-gnu-objdump")
+    } else {
+        "objdump".into()
+    };
+    let out = Command::new(objdump)
+        .arg("-d")
+        .arg(so)
+        .output()
+        .expect("objdump (binutils) is installed");
+    assert!(out.status.success(), "objdump -d {}", so.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// MatMulNBits with accuracy level 4 (int8 activations) computes what onnxruntime computes:
 /// single products (so that no rounding difference upstream can move an activation across a
 /// quantization step) with one or several rows, whole and partial last blocks, and N that is
-/// or is not a multiple of the vector width. The models come from the benchmark's generator.
+/// or is not a multiple of the vector width (one row: spans of four, two and one column groups,
+/// and scalar columns). The models come from the benchmark's generator. Each target's kernels
+/// use its dot-product instruction.
 #[test]
 fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &[&str])] = &[
         ("matvec", &["--k", "256", "--n", "64", "--m", "1"]),
+        (
+            "matvec_two_groups",
+            &["--k", "256", "--n", "40", "--m", "1"],
+        ),
+        (
+            "matvec_one_group",
+            &["--k", "200", "--n", "36", "--m", "1", "--block", "32"],
+        ),
+        (
+            "matvec_scalar",
+            &["--k", "64", "--n", "10", "--m", "1", "--block", "32"],
+        ),
         ("rows", &["--k", "128", "--n", "64", "--m", "8"]),
         ("partial_block", &["--k", "576", "--n", "64", "--m", "3"]),
         (
             "odd_n_block32",
             &["--k", "200", "--n", "36", "--m", "2", "--block", "32"],
         ),
+    ];
+    // The instruction each target's int8 product kernels must contain.
+    let dot_instruction = [
+        ("x86_64", "pmaddubsw"),
+        ("x86_64-v3-vnni", "vpdpbusd"),
+        ("aarch64-neon", "smull"),
+        ("aarch64-neon-dotprod", "sdot"),
     ];
     for (name, args) in cases {
         let case = dir.path().join(name);
@@ -162,7 +226,7 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
             1e-5,
             1e-5,
         );
-        for target in ["x86_64", "aarch64-neon", "aarch64-neon-dotprod"] {
+        for target in INT8_TARGETS {
             let so = case.join(format!("{target}.so"));
             let r = kiln(&[
                 "compile",
@@ -173,10 +237,15 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
                 so.to_str().unwrap(),
             ]);
             assert_eq!(r.code, Some(0), "{}", r.stderr);
-            let got = match target {
-                "x86_64" => run_native(&so, &inputs, 2),
-                "aarch64-neon" => qemu_outputs(&so, "cortex-a72", &inputs, &expected),
-                _ => qemu_outputs(&so, "max", &inputs, &expected),
+            if *name == "matvec" {
+                let (_, instruction) = dot_instruction.iter().find(|(t, _)| *t == target).unwrap();
+                assert!(
+                    disassemble(&so, target).contains(instruction),
+                    "{target}: no {instruction} in the int8 product kernels"
+                );
+            }
+            let Some(got) = run_int8_target(&so, target, &inputs, &expected) else {
+                continue;
             };
             // The integer arithmetic is exact and the float steps run in the same order.
             close(&format!("{name} {target}"), &expected, &got, 0.0, 0.0);

@@ -105,7 +105,7 @@ static void die(int status, const char *fmt, ...) {
  * runtime (runtime/src/cpu.rs). Features of the other architecture are known but absent. */
 static const char *const x86_64_features[] = {
     "sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx",
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", NULL};
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni", NULL};
 static const char *const aarch64_features[] = {
     "neon", "asimd", "fp16", "rdm", "dotprod", "i8mm", "bf16", "sve", "sve2", NULL};
 
@@ -133,6 +133,7 @@ static int cpu_has(const char *f) {
     if (!strcmp(f, "avx512bw")) return __builtin_cpu_supports("avx512bw") != 0;
     if (!strcmp(f, "avx512vl")) return __builtin_cpu_supports("avx512vl") != 0;
     if (!strcmp(f, "avx512vnni")) return __builtin_cpu_supports("avx512vnni") != 0;
+    if (!strcmp(f, "avxvnni")) return __builtin_cpu_supports("avxvnni") != 0;
 #elif defined(__aarch64__) && defined(__linux__)
     unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
     if (!strcmp(f, "neon") || !strcmp(f, "asimd")) return (hw & HWCAP_ASIMD) != 0;
@@ -173,6 +174,9 @@ static void check_target_and_features(const char *path, const char *target,
     } else if (!strcmp(target, "x86_64-v3")) {
         arch = "x86_64";
         implied = "avx,avx2,fma";
+    } else if (!strcmp(target, "x86_64-v3-vnni")) {
+        arch = "x86_64";
+        implied = "avx,avx2,fma,avxvnni";
     } else if (!strcmp(target, "aarch64-neon")) {
         arch = "aarch64";
         implied = "neon";

@@ -1,4 +1,5 @@
-//! What this host can run: the Kiln target names ("x86_64", "x86_64-v3", "aarch64-neon",
+//! What this host can run: the Kiln target names ("x86_64", "x86_64-v3", "x86_64-v3-vnni",
+//! "aarch64-neon",
 //! "aarch64-neon-dotprod", "aarch64-sve", "cuda-sm80"), the CPU feature names an artifact may
 //! require ("sse4.1", "avx2", "neon", "dotprod", "sve", ...), run-time detection of those
 //! features with `std::arch`, and [`check_compatible`], which decides whether an artifact's
@@ -9,9 +10,10 @@
 use thiserror::Error;
 
 /// The Kiln target names, as `kiln_target()` reports them.
-pub const KNOWN_TARGETS: [&str; 6] = [
+pub const KNOWN_TARGETS: [&str; 7] = [
     "x86_64",
     "x86_64-v3",
+    "x86_64-v3-vnni",
     "aarch64-neon",
     "aarch64-neon-dotprod",
     "aarch64-sve",
@@ -19,7 +21,7 @@ pub const KNOWN_TARGETS: [&str; 6] = [
 ];
 
 /// Feature names an x86_64 artifact may require.
-pub const X86_64_FEATURES: [&str; 14] = [
+pub const X86_64_FEATURES: [&str; 15] = [
     "sse2",
     "sse3",
     "ssse3",
@@ -34,6 +36,7 @@ pub const X86_64_FEATURES: [&str; 14] = [
     "avx512bw",
     "avx512vl",
     "avx512vnni",
+    "avxvnni",
 ];
 
 /// Feature names an aarch64 artifact may require ("asimd" is another name for "neon").
@@ -116,6 +119,7 @@ fn detect(name: &str) -> Option<bool> {
         "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
         "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
         "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+        "avxvnni" => std::arch::is_x86_feature_detected!("avxvnni"),
         _ => return None,
     })
 }
@@ -161,6 +165,7 @@ fn target_arch_and_features(
     Ok(match target {
         "x86_64" => ("x86_64", &[]),
         "x86_64-v3" => ("x86_64", &["avx", "avx2", "fma"]),
+        "x86_64-v3-vnni" => ("x86_64", &["avx", "avx2", "fma", "avxvnni"]),
         "aarch64-neon" => ("aarch64", &["neon"]),
         "aarch64-neon-dotprod" => ("aarch64", &["neon", "dotprod"]),
         "aarch64-sve" => ("aarch64", &["sve"]),
@@ -246,6 +251,28 @@ mod tests {
                 .expect_err(target)
                 .to_string();
             assert!(err.contains(want), "{target}/{features}: {err}");
+        }
+    }
+
+    /// Every known CPU target names its architecture, and the x86-64 profiles are accepted
+    /// exactly when the host has the features their names imply.
+    #[test]
+    fn known_targets_imply_their_features() {
+        for t in KNOWN_TARGETS.iter().filter(|t| !t.starts_with("cuda-")) {
+            assert!(target_arch_and_features(t).is_ok(), "{t}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let v3 = has!("avx") && has!("avx2") && has!("fma");
+            let profiles = [
+                ("x86_64", true),
+                ("x86_64-v3", v3),
+                ("x86_64-v3-vnni", v3 && has!("avxvnni")),
+            ];
+            for (target, runs) in profiles {
+                assert_eq!(check_compatible(target, &[]).is_ok(), runs, "{target}");
+            }
         }
     }
 }

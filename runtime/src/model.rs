@@ -17,13 +17,15 @@ use crate::ABI_VERSION;
 /// Largest rank the loader accepts; more is taken as a corrupt info table.
 const MAX_RANK: i32 = crate::abi::MAX_RANK as i32;
 
-/// Why an artifact could not be loaded. Every variant names the file.
+/// Why an artifact could not be loaded. Every variant names the file, and its message
+/// includes the underlying cause (kept out of `source()` so that a printed error chain does
+/// not repeat it).
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("cannot read artifact {path}: {source}")]
+    #[error("cannot read artifact {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("artifact {path} is an ELF file for {elf_arch}, but this host is {host}")]
     WrongArchitecture {
@@ -31,16 +33,16 @@ pub enum LoadError {
         elf_arch: String,
         host: &'static str,
     },
-    #[error("cannot load artifact {path}: {source}")]
+    #[error("cannot load artifact {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: libloading::Error,
+        cause: libloading::Error,
     },
-    #[error("{path} is not a Kiln artifact: it does not export `{symbol}` ({source})")]
+    #[error("{path} is not a Kiln artifact: it does not export `{symbol}` ({cause})")]
     MissingSymbol {
         path: PathBuf,
         symbol: &'static str,
-        source: libloading::Error,
+        cause: libloading::Error,
     },
     #[error(
         "artifact {path} has ABI version {found}, but this runtime expects {expected}; \
@@ -51,8 +53,8 @@ pub enum LoadError {
         found: u32,
         expected: u32,
     },
-    #[error("{path} cannot run here: {source}")]
-    Incompatible { path: PathBuf, source: Incompatible },
+    #[error("{path} cannot run here: {cause}")]
+    Incompatible { path: PathBuf, cause: Incompatible },
     #[error("artifact {path} is malformed: {what}")]
     Malformed { path: PathBuf, what: String },
 }
@@ -102,7 +104,7 @@ impl Model {
             },
             None => LoadError::Open {
                 path: path.clone(),
-                source,
+                cause: source,
             },
         })?;
         // SAFETY: the caller hands us a Kiln artifact (see the doc comment); symbols found
@@ -111,7 +113,7 @@ impl Model {
             LoadError::MissingSymbol {
                 path: path.clone(),
                 symbol,
-                source,
+                cause: source,
             }
         })?;
         let malformed = |what: String| LoadError::Malformed {
@@ -138,7 +140,7 @@ impl Model {
         cpu::check_compatible(&target, &required_features).map_err(|source| {
             LoadError::Incompatible {
                 path: path.clone(),
-                source,
+                cause: source,
             }
         })?;
 
@@ -235,9 +237,9 @@ impl Model {
 /// (dlopen's message is vaguer), and the ELF header for the architecture check.
 fn read_header(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
-    let io = |source| LoadError::Io {
+    let io = |cause| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let mut header = Vec::with_capacity(64);
     std::fs::File::open(path)

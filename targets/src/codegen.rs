@@ -65,6 +65,7 @@ pub fn make_isa(target: &Target) -> Result<(OwnedTargetIsa, Arch), CodegenError>
             "avx2" => "has_avx2",
             "fma" => "has_fma",
             "dotprod" => "has_dotprod",
+            "avxvnni" => "has_avx_vnni",
             _ => continue,
         };
         ib.enable(flag)
@@ -88,6 +89,8 @@ struct ModuleBuilder {
     arch: Arch,
     /// Whether the target has vector fused multiply-add (NEON always; x86-64 with FMA).
     fma: bool,
+    /// Whether the target has AVX-VNNI (`vpdpbusd`; see [`KernelGen::dot_bytes`]).
+    vnni: bool,
     func_names: Vec<String>,
     functions: Vec<FunctionBlob>,
     data: Vec<DataBlob>,
@@ -218,6 +221,8 @@ struct KernelGen<'a, 'b> {
     arch: Arch,
     /// Contract `a * b + c` into fused multiply-adds (the kernel allows it, the target has it).
     fma: bool,
+    /// The target has AVX-VNNI: byte dot products as the tree Cranelift folds into `vpdpbusd`.
+    vnni: bool,
     ptrs: Vec<Value>,
     vars: Vec<Variable>,
     /// Iteration range [start, end) of the kernel's parallel loop (the function's arguments).
@@ -1239,35 +1244,46 @@ impl KernelGen<'_, '_> {
     }
 
     /// `acc + DotBytes(w, a)` lane by lane on i32x4 vectors (see [`BinOp::DotBytes`]): on
-    /// x86-64 `pmaddubsw` (signed activation bytes times unsigned weight bytes, pairs summed in
-    /// i16) then `pmaddwd` by ones (pairs summed in i32); on aarch64 the widening dot-product
-    /// tree that Cranelift folds into one `sdot` when the target has dotprod, and computes
-    /// with widening multiplies and pairwise additions otherwise.
+    /// x86-64 with AVX-VNNI the widening tree (signed activation bytes times unsigned weight
+    /// bytes) that Cranelift folds into one `vpdpbusd`; on other x86-64 `pmaddubsw` (pairs
+    /// summed in i16) then pairwise sums to i32; on aarch64 the signed widening tree that
+    /// Cranelift folds into one `sdot` when the target has dotprod, and computes with
+    /// widening multiplies and pairwise additions otherwise.
     fn dot_bytes(&mut self, acc: Value, w: Value, a: Value) -> Value {
         let le = MemFlagsData::new().with_endianness(ir::Endianness::Little);
         let w = self.b.ins().bitcast(types::I8X16, le, w);
         let a = self.b.ins().bitcast(types::I8X16, le, a);
-        let i = self.b.ins();
         let dot = match self.arch {
+            Arch::X86_64 if self.vnni => self.widening_dot(w, a, false),
             Arch::X86_64 => {
-                let pairs = i.x86_pmaddubsw(a, w);
+                let pairs = self.b.ins().x86_pmaddubsw(a, w);
                 let lo = self.b.ins().swiden_low(pairs);
                 let hi = self.b.ins().swiden_high(pairs);
                 self.b.ins().iadd_pairwise(lo, hi)
             }
-            Arch::Aarch64 => {
-                let (wl, al) = (i.swiden_low(w), self.b.ins().swiden_low(a));
-                let lo = self.b.ins().imul(wl, al);
-                let (wh, ah) = (self.b.ins().swiden_high(w), self.b.ins().swiden_high(a));
-                let hi = self.b.ins().imul(wh, ah);
-                let (lo_l, lo_h) = (self.b.ins().swiden_low(lo), self.b.ins().swiden_high(lo));
-                let lo = self.b.ins().iadd_pairwise(lo_l, lo_h);
-                let (hi_l, hi_h) = (self.b.ins().swiden_low(hi), self.b.ins().swiden_high(hi));
-                let hi = self.b.ins().iadd_pairwise(hi_l, hi_h);
-                self.b.ins().iadd_pairwise(lo, hi)
-            }
+            Arch::Aarch64 => self.widening_dot(w, a, true),
         };
         self.b.ins().iadd(dot, acc)
+    }
+
+    /// Sums of four byte products per i32 lane, as the tree of widening multiplies and
+    /// pairwise additions that Cranelift recognises (under `iadd` with an accumulator): `a`
+    /// is read signed, `w` signed (`sdot`) or unsigned (`vpdpbusd`).
+    fn widening_dot(&mut self, w: Value, a: Value, signed_w: bool) -> Value {
+        let i = &mut self.b;
+        let (wl, wh) = if signed_w {
+            (i.ins().swiden_low(w), i.ins().swiden_high(w))
+        } else {
+            (i.ins().uwiden_low(w), i.ins().uwiden_high(w))
+        };
+        let (al, ah) = (i.ins().swiden_low(a), i.ins().swiden_high(a));
+        let lo = i.ins().imul(al, wl);
+        let hi = i.ins().imul(ah, wh);
+        let (lo_l, lo_h) = (i.ins().swiden_low(lo), i.ins().swiden_high(lo));
+        let lo = i.ins().iadd_pairwise(lo_l, lo_h);
+        let (hi_l, hi_h) = (i.ins().swiden_low(hi), i.ins().swiden_high(hi));
+        let hi = i.ins().iadd_pairwise(hi_l, hi_h);
+        i.ins().iadd_pairwise(lo, hi)
     }
 
     /// The flags of a load from buffer `buf`: `base`, made read-only, non-trapping and
@@ -1549,6 +1565,7 @@ fn kernel_function(
         k,
         arch: m.arch,
         fma: m.fma && k.contract,
+        vnni: m.vnni,
         ptrs,
         vars,
         range: (start, end),
@@ -1583,10 +1600,12 @@ pub fn generate(
 ) -> Result<(ArtifactSpec, CodeStats), CodegenError> {
     let (isa, arch) = make_isa(target)?;
     let fma = arch == Arch::Aarch64 || target.required_features.contains(&"fma");
+    let vnni = arch == Arch::X86_64 && target.required_features.contains(&"avxvnni");
     let mut m = ModuleBuilder {
         isa,
         arch,
         fma,
+        vnni,
         func_names: Vec::new(),
         functions: Vec::new(),
         data: Vec::new(),

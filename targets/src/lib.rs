@@ -65,6 +65,14 @@ pub const TARGETS: &[Target] = &[
             "x86-64-v3 host (AVX2, FMA): 128-bit vectors, VEX encoding, fused multiply-add",
     },
     Target {
+        name: "x86_64-v3-vnni",
+        isa: Isa::X86_64,
+        required_features: &["sse4.1", "avx", "avx2", "fma", "avxvnni"],
+        vectors: Vectors::Fixed(128),
+        description: "x86-64-v3 with AVX-VNNI (Intel Alder Lake and later, AMD Zen 5): \
+                      vpdpbusd for int8 kernels",
+    },
+    Target {
         name: "aarch64-neon",
         isa: Isa::Aarch64,
         required_features: &["neon"],

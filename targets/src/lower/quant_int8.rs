@@ -2,16 +2,22 @@
 //! `kiln_compiler::ir::int8_activations`). Two kernels: the first quantizes each row of A per
 //! block (codes, scale and code sum per block, in workspace buffers); the second streams the
 //! 4-bit weights and accumulates integer dot products of weight and activation bytes
-//! ([`BinOp::DotBytes`]: `pmaddubsw` + `pmaddwd` on x86-64, `sdot` with dotprod), turning each
-//! block's i32 sum into f32 with the zero-point correction and the two scales.
+//! ([`BinOp::DotBytes`]: `vpdpbusd` with AVX-VNNI, `pmaddubsw` + `pmaddwd` on other x86-64,
+//! `sdot` with dotprod), turning each block's i32 sum into f32 with the zero-point correction
+//! and the two scales, added to the output.
 //!
 //! Weights are repacked at compile time for streaming: columns go in groups of four (the
-//! vector lanes), and each group's weights, scales and zero points are contiguous, so a
-//! thread walks its columns' bytes front to back. Within a group, one 32-bit word per column
-//! holds eight consecutive rows of K: byte `b` carries row `8o + b` in its low nibble and row
-//! `8o + 4 + b` in its high one, so masking the low nibbles of four words (one vector) gives
-//! rows `8o..8o+4` of four columns as bytes, against which one broadcast word of four
-//! activation bytes is dotted, and shifting by 4 gives the next four rows.
+//! vector lanes), and spans of one to four groups are walked together, each span's weights,
+//! scales and zero points contiguous, so a thread reads its columns' bytes front to back.
+//! Within a span, word `o` of every column sits side by side; one 32-bit word holds eight
+//! consecutive rows of K of one column: byte `b` carries row `8o + b` in its low nibble and
+//! row `8o + 4 + b` in its high one. Masking the low nibbles of four words (one vector) gives
+//! rows `8o..8o+4` of four columns as bytes, which are dotted against the word of four
+//! activation codes for those rows (written once per lane by the first kernel, so it is a
+//! plain vector load), and shifting by 4 gives the next four rows. For a single row of A (the
+//! matrix-vector product of LLM decoding, bound by memory) a span has four groups, so each
+//! activation vector serves sixteen columns; longer A keeps one group and a tile of rows
+//! sharing each weight vector.
 
 use super::quant::{block_scale, block_zero_point, blocks_then_tail};
 use super::{BufKind, Buffer, Lowerer, Step, R};
@@ -20,6 +26,11 @@ use kiln_compiler::ir::Node;
 
 /// Rows of K per 32-bit weight word (two nibbles in each of its four bytes).
 const ROWS_PER_WORD: usize = 8;
+
+/// Copies of each word of four activation codes, side by side (one per vector lane), so the
+/// product kernel loads the word as it is dotted against four columns instead of broadcasting
+/// it (three instructions on x86-64).
+const ACT_COPIES: usize = 4;
 
 impl Lowerer<'_> {
     /// MatMulNBits with 4-bit weights and int8 activations (K and the block size multiples of
@@ -37,24 +48,40 @@ impl Lowerer<'_> {
         let (full_blocks, tail) = (kk / block, kk % block);
         let ops = self.nbits_operands(n, nn, nblk, 4, block)?;
         // Columns per group: the vector lanes, or 1 (scalar code) when N is not a multiple.
+        // `groups` column groups share each iteration (and each activation broadcast): four
+        // for a single row of A (the matrix-vector product, bound by streaming the weights),
+        // one for longer A, whose row tile reuses each weight vector instead.
         let width = if nn.is_multiple_of(4) { 4 } else { 1 };
+        let groups = if width == 1 || m > 1 {
+            1
+        } else {
+            [4, 2]
+                .into_iter()
+                .find(|g| nn.is_multiple_of(width * g))
+                .unwrap_or(1)
+        };
+        let span = width * groups;
         let words_per_col = kk / ROWS_PER_WORD;
         let code = |col: usize, row: usize| -> u8 {
             let byte = ops.b_bytes[(col * nblk + row / block) * ops.blob + (row % block) / 2];
             (byte >> (4 * (row % 2))) & 15
         };
+        // Weight word `o` of column `col`: spans of `groups` x `width` columns, each span's
+        // words front to back, word `o` of its columns side by side.
+        let word_index =
+            |col: usize, o: usize| ((col / span) * words_per_col + o) * span + col % span;
         let mut words = vec![0u8; nn * words_per_col * 4];
         for col in 0..nn {
             for o in 0..words_per_col {
-                let at = (((col / width) * words_per_col + o) * width + col % width) * 4;
+                let at = word_index(col, o) * 4;
                 for b in 0..4 {
                     let row = o * ROWS_PER_WORD + b;
                     words[at + b] = code(col, row) | (code(col, row + 4) << 4);
                 }
             }
         }
-        // Per-block tables in the same grouped order: [N / width, blocks, width].
-        let grouped = |col: usize, g: usize| ((col / width) * nblk + g) * width + col % width;
+        // Per-block tables in the same order: [N / span, blocks, span].
+        let grouped = |col: usize, g: usize| ((col / span) * nblk + g) * span + col % span;
         let byte_zero_points = super::quant::byte_zero_points(&ops.zero_points);
         let (scale_width, zp_width) = (
             if ops.half_scales { 2 } else { 4 },
@@ -118,7 +145,7 @@ impl Lowerer<'_> {
             });
             me.p.buffers.len() - 1
         };
-        let qa = temp(self, "a_codes", Scalar::I8, m * kk);
+        let qa = temp(self, "a_codes", Scalar::I8, m * kk * ACT_COPIES);
         let qa_scales = temp(self, "a_scales", Scalar::F32, m * nblk);
         let qa_sums = temp(self, "a_sums", Scalar::F32, m * nblk);
         self.quantize_activations(&n.name, ab, [qa, qa_scales, qa_sums], m, kk, block);
@@ -131,7 +158,7 @@ impl Lowerer<'_> {
 
         let mut k = Kernel::new(&n.name);
         let mut args = vec![qa, wb, sb, zb, qa_scales, qa_sums];
-        let qp = k.param("a_codes", Scalar::I32, m * kk / 4, false);
+        let qp = k.param("a_codes", Scalar::I32, m * kk * ACT_COPIES / 4, false);
         let wp = k.param("codes", Scalar::I32, nn * words_per_col, false);
         let sp = k.param("scales", scale_scalar, nn * nblk, false);
         let zp = k.param("zero_points", zp_scalar, nn * nblk, false);
@@ -143,130 +170,142 @@ impl Lowerer<'_> {
         });
         args.push(dst);
         let yp = k.param("y", Scalar::F32, m * nn, true);
-        // Rows of A sharing each weight vector: two locals per row (the block's i32 sum and
-        // the f32 total) plus the word and its two nibble halves fit 16 SSE registers at 4.
-        let rows = super::row_tile(m, 4);
-        let sums: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::I32)).collect();
-        let totals: Vec<VarId> = (0..rows).map(|_| k.new_var(Scalar::F32)).collect();
-        let (word, lo, hi) = (
-            k.new_var(Scalar::I32),
-            k.new_var(Scalar::I32),
-            k.new_var(Scalar::I32),
-        );
+        // Rows of A sharing each weight vector: two locals per row and group (the block's i32
+        // sum and the f32 total) plus the words and their nibble halves fit 16 SSE registers.
+        let rows = super::row_tile(m, 4 / groups);
+        let per_tile = |k: &mut Kernel, s: Scalar| -> Vec<Vec<VarId>> {
+            (0..rows)
+                .map(|_| (0..groups).map(|_| k.new_var(s)).collect())
+                .collect()
+        };
+        let sums = per_tile(&mut k, Scalar::I32);
+        let halves: Vec<[VarId; 2]> = (0..groups)
+            .map(|_| [k.new_var(Scalar::I32), k.new_var(Scalar::I32)])
+            .collect();
         let i64c = |v: usize| Expr::i64(v as i64);
         let i32c = |v: i32| Expr::Const(Const::I32(v));
         let block_words = block / ROWS_PER_WORD;
-        k.body = nest(&mut k, &[nn / width, m / rows, width], |k, v| {
-            let (group, row_block, lane) = (v[0], v[1], v[2]);
-            let col = Expr::add(Expr::mul(Expr::var(group), i64c(width)), Expr::var(lane));
+        k.body = nest(&mut k, &[nn / span, m / rows, width], |k, v| {
+            let (span_var, row_block, lane) = (v[0], v[1], v[2]);
+            // Index of column `gi * width + lane` of the span within a [N / span, len, span]
+            // table, at position `at` of its len.
+            let in_span = |len: usize, at: Expr, gi: usize| {
+                Expr::add(
+                    Expr::mul(
+                        Expr::add(Expr::mul(Expr::var(span_var), i64c(len)), at),
+                        i64c(span),
+                    ),
+                    Expr::add(i64c(gi * width), Expr::var(lane)),
+                )
+            };
+            let col = |gi: usize| {
+                Expr::add(
+                    Expr::mul(Expr::var(span_var), i64c(span)),
+                    Expr::add(i64c(gi * width), Expr::var(lane)),
+                )
+            };
             let row = |r: usize| Expr::add(Expr::mul(Expr::var(row_block), i64c(rows)), i64c(r));
+            let out_at = |r: usize, gi: usize| Expr::add(Expr::mul(row(r), i64c(nn)), col(gi));
             // The statements of block `g` (`words` weight words per column).
             let block_stmts = |k: &mut Kernel, g: Expr, words: usize| -> Vec<Stmt> {
                 let o = k.new_var(Scalar::I64);
-                let table_at = Expr::add(
-                    Expr::mul(
-                        Expr::add(Expr::mul(Expr::var(group), i64c(nblk)), g.clone()),
-                        i64c(width),
-                    ),
-                    Expr::var(lane),
-                );
-                let word_at = Expr::add(
-                    Expr::mul(
-                        Expr::add(
-                            Expr::mul(Expr::var(group), i64c(words_per_col)),
-                            Expr::add(Expr::mul(g.clone(), i64c(block_words)), Expr::var(o)),
-                        ),
-                        i64c(width),
-                    ),
-                    Expr::var(lane),
-                );
-                // Word of four activation bytes: rows 8o + 4 * half .. + 4 of block g.
-                let act_word = |r: usize, half: usize| {
-                    Expr::load(
-                        qp,
-                        Expr::add(
-                            Expr::add(
-                                Expr::mul(row(r), i64c(kk / 4)),
-                                Expr::mul(g.clone(), i64c(block / 4)),
-                            ),
-                            Expr::add(Expr::mul(Expr::var(o), i64c(2)), i64c(half)),
-                        ),
-                    )
+                let word_at = |gi: usize| {
+                    let o_at = Expr::add(Expr::mul(g.clone(), i64c(block_words)), Expr::var(o));
+                    in_span(words_per_col, o_at, gi)
                 };
-                let mut inner = vec![
-                    Stmt::Assign {
-                        var: word,
-                        value: Expr::load(wp, word_at),
-                    },
-                    Stmt::Assign {
+                // Word of four activation bytes (rows 8o + 4 * half .. + 4 of block g), which
+                // the activation kernel wrote once per lane: a plain vector load, no broadcast.
+                let act_word = |r: usize, half: usize| {
+                    let word = Expr::add(
+                        Expr::add(
+                            Expr::mul(row(r), i64c(kk / 4)),
+                            Expr::mul(g.clone(), i64c(block / 4)),
+                        ),
+                        Expr::add(Expr::mul(Expr::var(o), i64c(2)), i64c(half)),
+                    );
+                    let at = Expr::add(Expr::mul(word, i64c(ACT_COPIES)), Expr::var(lane));
+                    Expr::load(qp, at)
+                };
+                let mut inner = Vec::new();
+                for (gi, &[lo, hi]) in halves.iter().enumerate() {
+                    let word = Expr::load(wp, word_at(gi));
+                    inner.push(Stmt::Assign {
                         var: lo,
-                        value: Expr::bin(BinOp::And, Expr::var(word), i32c(0x0f0f_0f0f)),
-                    },
-                    Stmt::Assign {
+                        value: Expr::bin(BinOp::And, word.clone(), i32c(0x0f0f_0f0f)),
+                    });
+                    inner.push(Stmt::Assign {
                         var: hi,
                         value: Expr::bin(
                             BinOp::And,
-                            Expr::bin(BinOp::Shr, Expr::var(word), i32c(4)),
+                            Expr::bin(BinOp::Shr, word, i32c(4)),
                             i32c(0x0f0f_0f0f),
-                        ),
-                    },
-                ];
-                for (r, &sum) in sums.iter().enumerate() {
-                    let low = Expr::bin(
-                        BinOp::Add,
-                        Expr::var(sum),
-                        Expr::bin(BinOp::DotBytes, Expr::var(lo), act_word(r, 0)),
-                    );
-                    inner.push(Stmt::Assign {
-                        var: sum,
-                        value: Expr::bin(
-                            BinOp::Add,
-                            low,
-                            Expr::bin(BinOp::DotBytes, Expr::var(hi), act_word(r, 1)),
                         ),
                     });
                 }
-                let scale = block_scale(sp, scale_scalar, scale_specials, table_at.clone());
-                let zero_point = block_zero_point(zp, zp_scalar, table_at);
+                for (r, row_sums) in sums.iter().enumerate() {
+                    for (&sum, &[lo, hi]) in row_sums.iter().zip(&halves) {
+                        let low = Expr::bin(
+                            BinOp::Add,
+                            Expr::var(sum),
+                            Expr::bin(BinOp::DotBytes, Expr::var(lo), act_word(r, 0)),
+                        );
+                        inner.push(Stmt::Assign {
+                            var: sum,
+                            value: Expr::bin(
+                                BinOp::Add,
+                                low,
+                                Expr::bin(BinOp::DotBytes, Expr::var(hi), act_word(r, 1)),
+                            ),
+                        });
+                    }
+                }
                 let a_table = |buf: usize, r: usize| {
                     Expr::load(buf, Expr::add(Expr::mul(row(r), i64c(nblk)), g.clone()))
                 };
                 let mut stmts: Vec<Stmt> = sums
                     .iter()
+                    .flatten()
                     .map(|&sum| Stmt::Assign {
                         var: sum,
                         value: i32c(0),
                     })
                     .collect();
-                // Unrolled by 2 words (16 rows of K); 8 spilled vector registers on x86-64.
-
-                let unroll = [2usize]
-                    .into_iter()
-                    .find(|u| words.is_multiple_of(*u) && words > *u);
+                // Unrolled by 2 words: 4 accumulators, 4 activation vectors and the nibbles of
+                // 4 words fit 16 SSE registers; by 4, the activation vectors spill.
+                let unroll = Some(2).filter(|u| words.is_multiple_of(*u) && words > *u);
                 stmts.push(Stmt::Loop {
                     var: o,
                     extent: words,
                     kind: unroll.map_or(LoopKind::Serial, LoopKind::Unrolled),
                     body: inner,
                 });
-                for (r, (&sum, &total)) in sums.iter().zip(&totals).enumerate() {
-                    // (dot - zp * sum(qa)) * (sw * sa), in the order the interpreter uses.
-                    let corrected = Expr::sub(
-                        Expr::cast(Scalar::F32, Expr::var(sum)),
-                        Expr::mul(zero_point.clone(), a_table(ssp, r)),
-                    );
-                    let scaled = Expr::mul(corrected, Expr::mul(scale.clone(), a_table(asp, r)));
-                    stmts.push(Stmt::Assign {
-                        var: total,
-                        value: Expr::add(Expr::var(total), scaled),
-                    });
+                for (r, row_sums) in sums.iter().enumerate() {
+                    for (gi, &sum) in row_sums.iter().enumerate() {
+                        let table_at = in_span(nblk, g.clone(), gi);
+                        let scale = block_scale(sp, scale_scalar, scale_specials, table_at.clone());
+                        let zero_point = block_zero_point(zp, zp_scalar, table_at);
+                        // (dot - zp * sum(qa)) * (sw * sa), in the order the interpreter uses.
+                        let corrected = Expr::sub(
+                            Expr::cast(Scalar::F32, Expr::var(sum)),
+                            Expr::mul(zero_point, a_table(ssp, r)),
+                        );
+                        let scaled = Expr::mul(corrected, Expr::mul(scale, a_table(asp, r)));
+                        stmts.push(Stmt::Store {
+                            buf: yp,
+                            index: out_at(r, gi),
+                            value: Expr::add(Expr::load(yp, out_at(r, gi)), scaled),
+                        });
+                    }
                 }
                 stmts
             };
-            let mut body: Vec<Stmt> = totals
-                .iter()
-                .map(|&t| Stmt::Assign {
-                    var: t,
+            // The running totals live in the output (registers are taken by the sums, the
+            // nibbles and the activation words): zero, block by block, then the bias.
+            let mut body: Vec<Stmt> = (0..rows)
+                .flat_map(|r| (0..groups).map(move |gi| (r, gi)))
+                .map(|(r, gi)| Stmt::Store {
+                    buf: yp,
+                    index: out_at(r, gi),
                     value: Expr::f32(0.0),
                 })
                 .collect();
@@ -277,16 +316,19 @@ impl Lowerer<'_> {
                 tail / ROWS_PER_WORD,
                 block_stmts,
             ));
-            for (r, &total) in totals.iter().enumerate() {
-                let mut value = Expr::var(total);
-                if let Some(bp) = bp {
-                    value = Expr::add(value, Expr::load(bp, col.clone()));
+            if let Some(bp) = bp {
+                for r in 0..rows {
+                    for gi in 0..groups {
+                        body.push(Stmt::Store {
+                            buf: yp,
+                            index: out_at(r, gi),
+                            value: Expr::add(
+                                Expr::load(yp, out_at(r, gi)),
+                                Expr::load(bp, col(gi)),
+                            ),
+                        });
+                    }
                 }
-                body.push(Stmt::Store {
-                    buf: yp,
-                    index: Expr::add(Expr::mul(row(r), i64c(nn)), col.clone()),
-                    value,
-                });
             }
             body
         });
@@ -309,7 +351,7 @@ impl Lowerer<'_> {
         let (full_blocks, tail) = (kk / block, kk % block);
         let mut k = Kernel::new(format!("{name}.quantize_a"));
         let ap = k.param("a", Scalar::F32, m * kk, false);
-        let qp = k.param("a_codes", Scalar::I8, m * kk, true);
+        let qp = k.param("a_codes", Scalar::I8, m * kk * ACT_COPIES, true);
         let sp = k.param("a_scales", Scalar::F32, m * nblk, true);
         let cp = k.param("a_sums", Scalar::F32, m * nblk, true);
         let (amax, inv, q, sum) = (
@@ -331,6 +373,24 @@ impl Lowerer<'_> {
                             Expr::mul(g.clone(), i64c(block)),
                         ),
                         Expr::var(x),
+                    )
+                };
+                // Copy `c` of code `j`: words of four codes, each written ACT_COPIES times.
+                let c = k.new_var(Scalar::I64);
+                let copy_at = |j: VarId, c: VarId| {
+                    let word = Expr::add(
+                        Expr::add(
+                            Expr::mul(Expr::var(r), i64c(kk / 4)),
+                            Expr::mul(g.clone(), i64c(block / 4)),
+                        ),
+                        Expr::div(Expr::var(j), i64c(4)),
+                    );
+                    Expr::add(
+                        Expr::mul(
+                            Expr::add(Expr::mul(word, i64c(ACT_COPIES)), Expr::var(c)),
+                            i64c(4),
+                        ),
+                        Expr::bin(BinOp::Rem, Expr::var(j), i64c(4)),
                     )
                 };
                 let table_at = Expr::add(Expr::mul(Expr::var(r), i64c(nblk)), g.clone());
@@ -386,14 +446,19 @@ impl Lowerer<'_> {
                                     Expr::f32(127.0),
                                 ),
                             },
-                            Stmt::Store {
-                                buf: qp,
-                                index: at(j),
-                                // Through i32: backends convert floats to 32 or 64 bits.
-                                value: Expr::cast(
-                                    Scalar::I8,
-                                    Expr::cast(Scalar::I32, Expr::var(q)),
-                                ),
+                            Stmt::Loop {
+                                var: c,
+                                extent: ACT_COPIES,
+                                kind: LoopKind::Unrolled(ACT_COPIES),
+                                body: vec![Stmt::Store {
+                                    buf: qp,
+                                    index: copy_at(j, c),
+                                    // Through i32: backends convert floats to 32 or 64 bits.
+                                    value: Expr::cast(
+                                        Scalar::I8,
+                                        Expr::cast(Scalar::I32, Expr::var(q)),
+                                    ),
+                                }],
                             },
                             Stmt::Assign {
                                 var: sum,
