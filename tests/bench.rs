@@ -119,6 +119,44 @@ fn bench_memory_reports_weight_rate_against_bandwidth() {
     assert!(line("kiln weights / read bandwidth: ").ends_with('%'));
 }
 
+/// `--rounds 2`: both sides and the memory measurement run twice, alternating, and the
+/// statistics cover both rounds.
+#[test]
+fn bench_rounds_alternate_kiln_onnxruntime_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = compile_tiny_llama(dir.path());
+    let model = model_path();
+    let r = kiln(&[
+        "bench",
+        so.to_str().unwrap(),
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--onnx",
+        &model,
+        "--memory",
+        "--rounds",
+        "2",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        line_of(&r.stdout, "bench ")
+            .contains("2 runs after 1 warm-up in each of 2 alternating rounds"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line_of(&r.stdout, "memory (").contains("best of 10)"),
+        "{}",
+        r.stdout
+    );
+    line_of(&r.stdout, "ratio kiln/onnxruntime (median): ");
+    line_of(&r.stdout, "onnxruntime weights: ");
+}
+
 fn line_of<'a>(text: &'a str, prefix: &str) -> &'a str {
     text.lines()
         .find(|l| l.starts_with(prefix))
@@ -265,6 +303,10 @@ fn bench_errors_are_one_line() {
         (
             vec!["bench", so, "--runs", "0"],
             "error: --runs must be at least 1",
+        ),
+        (
+            vec!["bench", so, "--rounds", "0"],
+            "error: --rounds must be at least 1",
         ),
         (
             vec!["bench", so, "--inputs-dir", wrong_inputs.to_str().unwrap()],

@@ -56,6 +56,11 @@ pub struct Args {
     /// Python with onnxruntime (default: $KILN_CACHE/venv/bin/python).
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
+    /// Repeat the measurements in this many alternating rounds (Kiln, onnxruntime, memory;
+    /// each with its warm-up) and report statistics over all rounds' runs, so that a burst
+    /// of load from elsewhere on a shared machine weighs on both sides alike.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// Latency statistics of a series of runs, in milliseconds.
@@ -101,6 +106,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let threads = match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(t) => t,
@@ -129,17 +137,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Some(d) => format!("inputs from {}", d.display()),
         None => "generated inputs".to_string(),
     };
+    let rounds = match args.rounds {
+        1 => String::new(),
+        r => format!(" in each of {r} alternating rounds"),
+    };
     println!(
-        "bench {} (target {}): {} runs after {} warm-up, {source}",
+        "bench {} (target {}): {} runs after {} warm-up{rounds}, {source}",
         args.artifact.display(),
         model.target(),
         args.runs,
         args.warmup
     );
-    let kiln = time_kiln(&model, &inputs, threads, args.warmup, args.runs)?;
-    let peak = peak_rss_mib().map_or_else(|| "unknown".to_string(), |m| format!("{m} MiB"));
-    println!("kiln: {}, peak RSS {peak}", kiln.line(threads));
-
     let weight_bytes = if args.memory {
         let (info, _) = super::inspect::model_info(&args.artifact)?;
         let bytes = info
@@ -147,19 +155,44 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .find(|(k, _)| k == "weight_bytes")
             .and_then(|(_, v)| v.parse::<f64>().ok())
             .context("the artifact's model info has no weight_bytes")?;
-        println!(
-            "kiln weights: {:.2} GB/s ({bytes:.0} weight bytes per run / median)",
-            bytes / kiln.median / 1e6
-        );
         Some(bytes)
     } else {
         None
     };
+    let (mut kiln_times, mut ort_times, mut ort_rss) = (Vec::new(), Vec::new(), None);
+    let mut bandwidth: Option<Bandwidth> = None;
+    for _ in 0..args.rounds {
+        kiln_times.extend(time_kiln(&model, &inputs, threads, args.warmup, args.runs)?);
+        if let Some(ort) = &ort {
+            let (times, rss) = ort.run(threads, args.warmup, args.runs)?;
+            ort_times.extend(times);
+            ort_rss = ort_rss.max(rss);
+        }
+        if weight_bytes.is_some() {
+            let bw = memory_bandwidth(threads);
+            bandwidth = Some(match bandwidth {
+                Some(b) => Bandwidth {
+                    copy: b.copy.max(bw.copy),
+                    read: b.read.max(bw.read),
+                },
+                None => bw,
+            });
+        }
+    }
+    let kiln = Stats::of(&kiln_times);
+    let peak = peak_rss_mib().map_or_else(|| "unknown".to_string(), |m| format!("{m} MiB"));
+    println!("kiln: {}, peak RSS {peak}", kiln.line(threads));
+    if let Some(bytes) = weight_bytes {
+        println!(
+            "kiln weights: {:.2} GB/s ({bytes:.0} weight bytes per run / median)",
+            bytes / kiln.median / 1e6
+        );
+    }
     let mut ort_median = None;
-    if let Some(ort) = ort {
-        let (stats, rss) = ort.run(threads, args.warmup, args.runs)?;
+    if ort.is_some() {
+        let stats = Stats::of(&ort_times);
         ort_median = Some(stats.median);
-        let rss = rss
+        let rss = ort_rss
             .map(|m| format!(", peak RSS {m} MiB (Python process)"))
             .unwrap_or_default();
         println!("onnxruntime: {}{rss}", stats.line(threads));
@@ -168,12 +201,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             kiln.median / stats.median
         );
     }
-    if let Some(bytes) = weight_bytes {
-        let bw = memory_bandwidth(threads);
+    if let (Some(bytes), Some(bw)) = (weight_bytes, bandwidth) {
         println!(
-            "memory ({} MiB buffers, {threads} thread{}, best of {MEMORY_ROUNDS}): copy {:.2} GB/s (bytes read + written), read {:.2} GB/s",
+            "memory ({} MiB buffers, {threads} thread{}, best of {}): copy {:.2} GB/s (bytes read + written), read {:.2} GB/s",
             MEMORY_BYTES >> 20,
             if threads == 1 { "" } else { "s" },
+            MEMORY_ROUNDS * args.rounds,
             bw.copy / 1e9,
             bw.read / 1e9
         );
@@ -251,14 +284,15 @@ fn read_all(a: &[u64]) -> u64 {
     acc.iter().fold(0, |s, x| s.wrapping_add(*x))
 }
 
-/// Warm-up and timed runs of the artifact in one session with `threads` threads.
+/// Warm-up and timed runs of the artifact in one session with `threads` threads; the times of
+/// the timed runs in milliseconds.
 fn time_kiln(
     model: &Model,
     inputs: &[Tensor],
     threads: usize,
     warmup: usize,
     runs: usize,
-) -> Result<Stats> {
+) -> Result<Vec<f64>> {
     let mut session = Session::new(model, threads)?;
     let ins: Vec<Vec<u8>> = inputs.iter().map(Tensor::to_le_bytes).collect();
     let ins: Vec<&[u8]> = ins.iter().map(Vec::as_slice).collect();
@@ -281,7 +315,7 @@ fn time_kiln(
         session.run(&ins, &mut outs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(Stats::of(&times))
+    Ok(times)
 }
 
 /// `input_N.pb` files in the artifact's input order, checked against its input types.
@@ -437,8 +471,9 @@ impl OrtRun {
         }
     }
 
-    /// Times onnxruntime; returns its statistics and the Python process's peak RSS in MiB.
-    fn run(&self, threads: usize, warmup: usize, runs: usize) -> Result<(Stats, Option<u64>)> {
+    /// Times onnxruntime; returns the times of its timed runs in milliseconds and the Python
+    /// process's peak RSS in MiB.
+    fn run(&self, threads: usize, warmup: usize, runs: usize) -> Result<(Vec<f64>, Option<u64>)> {
         let stdout = self.invoke(&[
             "--threads",
             &threads.to_string(),
@@ -466,7 +501,7 @@ impl OrtRun {
                 times.len()
             );
         }
-        Ok((Stats::of(&times), rss))
+        Ok((times, rss))
     }
 }
 

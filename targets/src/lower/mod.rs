@@ -141,6 +141,10 @@ pub(crate) struct Lowerer<'g> {
     /// Panel-packed copies of constant matrix operands: (constant, panel width, row stride,
     /// column stride) -> buffer.
     packed: HashMap<(ValueId, usize, usize, usize), usize>,
+    /// Int8 quantizations of matrix-product inputs, shared by the products that read the same
+    /// input in the same shape and block size (q/k/v, gate/up): (input buffer, rows, row
+    /// length, block) -> buffers of codes, block scales and block code sums.
+    quantized_inputs: HashMap<(usize, usize, usize, usize), [usize; 3]>,
 }
 
 pub(crate) type R<T> = Result<T, String>;
@@ -176,6 +180,7 @@ pub fn lower_with(g: &Graph, opts: &LowerOptions) -> Result<Program, LowerError>
         f16_widened: HashMap::new(),
         opts: *opts,
         packed: HashMap::new(),
+        quantized_inputs: HashMap::new(),
     };
     for (i, &v) in g.inputs.iter().enumerate() {
         let (dtype, shape) = lw.static_type(v)?;

@@ -136,20 +136,7 @@ impl Lowerer<'_> {
             zp_bytes,
         );
         let ab = self.buffer(a)?;
-        let temp = |me: &mut Self, what: &str, scalar: Scalar, len: usize| {
-            me.p.buffers.push(Buffer {
-                name: format!("{}.{what}", n.name),
-                scalar,
-                len,
-                kind: BufKind::Temp,
-            });
-            me.p.buffers.len() - 1
-        };
-        let qa = temp(self, "a_codes", Scalar::I8, m * kk * ACT_COPIES);
-        let qa_scales = temp(self, "a_scales", Scalar::F32, m * nblk);
-        let qa_sums = temp(self, "a_sums", Scalar::F32, m * nblk);
-        self.quantize_activations(&n.name, ab, [qa, qa_scales, qa_sums], m, kk, block);
-
+        let [qa, qa_scales, qa_sums] = self.quantized_input(&n.name, ab, m, kk, block);
         let bias = self.nbits_bias(n, nn)?;
         let dst = self.out_buffer(n.outputs[0])?;
         if self.p.buffers[dst].len != m * nn {
@@ -334,6 +321,40 @@ impl Lowerer<'_> {
         });
         self.p.steps.push(Step { kernel: k, args });
         Ok(())
+    }
+
+    /// The buffers of A (buffer `a`, `m` rows of `kk`) quantized per block to int8 codes,
+    /// block scales and block code sums: made by a new quantizing kernel the first time,
+    /// shared by every later product of the same input and block size.
+    fn quantized_input(
+        &mut self,
+        name: &str,
+        a: usize,
+        m: usize,
+        kk: usize,
+        block: usize,
+    ) -> [usize; 3] {
+        if let Some(&bufs) = self.quantized_inputs.get(&(a, m, kk, block)) {
+            return bufs;
+        }
+        let nblk = kk.div_ceil(block);
+        let mut temp = |what: &str, scalar: Scalar, len: usize| {
+            self.p.buffers.push(Buffer {
+                name: format!("{name}.{what}"),
+                scalar,
+                len,
+                kind: BufKind::Temp,
+            });
+            self.p.buffers.len() - 1
+        };
+        let bufs = [
+            temp("a_codes", Scalar::I8, m * kk * ACT_COPIES),
+            temp("a_scales", Scalar::F32, m * nblk),
+            temp("a_sums", Scalar::F32, m * nblk),
+        ];
+        self.quantize_activations(name, a, bufs, m, kk, block);
+        self.quantized_inputs.insert((a, m, kk, block), bufs);
+        bufs
     }
 
     /// The kernel that quantizes A (`m` rows of `kk`) per block to int8 codes, block scales
