@@ -95,11 +95,14 @@ def main() -> int:
         times.append((time.perf_counter() - t0) * 1e3)
 
     print("times_ms: " + " ".join(f"{t:.6f}" for t in times))
+    # VmHWM of this process's own address space; getrusage's ru_maxrss would also count the
+    # memory of the process that started Python (Linux carries it across exec).
     try:
-        import resource
-
-        print(f"peak_rss_kib: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
-    except ImportError:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    print(f"peak_rss_kib: {line.split()[1]}")
+    except OSError:
         pass
     return 0
 

@@ -161,8 +161,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     let (mut kiln_times, mut ort_times, mut ort_rss) = (Vec::new(), Vec::new(), None);
     let mut bandwidth: Option<Bandwidth> = None;
+    // Kiln's peak memory is read after its first runs, before the bandwidth buffers exist.
+    let mut kiln_rss = None;
     for _ in 0..args.rounds {
         kiln_times.extend(time_kiln(&model, &inputs, threads, args.warmup, args.runs)?);
+        kiln_rss = kiln_rss.or_else(peak_rss_mib);
         if let Some(ort) = &ort {
             let (times, rss) = ort.run(threads, args.warmup, args.runs)?;
             ort_times.extend(times);
@@ -180,7 +183,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
     let kiln = Stats::of(&kiln_times);
-    let peak = peak_rss_mib().map_or_else(|| "unknown".to_string(), |m| format!("{m} MiB"));
+    let peak = kiln_rss.map_or_else(|| "unknown".to_string(), |m| format!("{m} MiB"));
     println!("kiln: {}, peak RSS {peak}", kiln.line(threads));
     if let Some(bytes) = weight_bytes {
         println!(

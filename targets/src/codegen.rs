@@ -7,8 +7,8 @@
 //! writer. The result is an [`ArtifactSpec`].
 
 use crate::artifact::{Arch, ArtifactSpec, DataBlob, FunctionBlob, Reloc, RelocKind};
-use crate::loop_ir::linear_coeff;
 use crate::loop_ir::*;
+use crate::loop_ir::{linear_coeff, linear_index};
 use crate::lower::{BufKind, Program};
 use crate::Target;
 use cranelift_codegen::control::ControlPlane;
@@ -236,7 +236,30 @@ struct KernelGen<'a, 'b> {
     /// Whether loads from unwritten buffers may be pure (see [`KernelGen::load_flags`]): false when the
     /// step passes a buffer it writes at another parameter too.
     pure_loads: bool,
+    /// The strength-reduced addresses of the innermost loop being emitted, if any.
+    streams: Option<Streams>,
 }
+
+/// Most pointers an innermost loop carries (each holds a register across the loop).
+const MAX_STREAMS: usize = 8;
+
+/// Strength reduction of an innermost loop's addresses: every load or store whose index is
+/// `invariant + c * var` (the invariant part made of variables the loop does not change) reads
+/// through a pointer carried around the loop, set before it to the address at the first
+/// iteration and advanced by `c * step` elements per iteration; accesses that differ only in a
+/// constant share the pointer and fold the difference into the displacement. Cranelift 0.135
+/// hoists nothing out of loops and rematerializes address arithmetic at its uses, so without
+/// this each iteration recomputes every address from the loop variables.
+struct Streams {
+    var: VarId,
+    /// The variable of a jammed vector loop around this loop: the pointers are at its base.
+    jammed: Option<VarId>,
+    /// (buffer, coefficient of `var`, invariant terms) -> the pointer variable and its value in
+    /// the iteration being emitted.
+    pointers: std::collections::HashMap<StreamKey, (Variable, Value)>,
+}
+
+type StreamKey = (usize, i64, Vec<(VarId, i64)>);
 
 /// State of a vectorized loop: its variable, and a vector variable per local it assigns
 /// (`vvars`: those of the copy being emitted; `copies`: one set per jammed copy).
@@ -339,6 +362,9 @@ impl KernelGen<'_, '_> {
     /// displacement, so elements a constant apart (the rows of a register tile, the copies of
     /// a jammed vector loop) share one address computation.
     fn address(&mut self, buf: usize, index: &Expr) -> Result<(Value, i32), CodegenError> {
+        if let Some(found) = self.stream_address(buf, index) {
+            return Ok(found);
+        }
         let size = self.k.params[buf].scalar.bytes() as i64;
         let (dynamic, constant) = self.index_parts(index)?;
         let ptr = self.ptrs[buf];
@@ -365,6 +391,115 @@ impl KernelGen<'_, '_> {
             None => ptr,
         };
         Ok((addr, offset))
+    }
+
+    /// The address of element `index` of `buf` through a pointer of the loop's [`Streams`],
+    /// when the index is one of theirs.
+    fn stream_address(&self, buf: usize, index: &Expr) -> Option<(Value, i32)> {
+        let streams = self.streams.as_ref()?;
+        let (coef, rest, constant) = self.stream_parts(streams.var, index)?;
+        // In an unrolled or jammed copy the loop's variable is the iteration's base plus a
+        // constant, and so is a jammed vector loop's variable around it; the pointer is at
+        // the bases.
+        let copy = |v: VarId| self.unrolled.get(&v).map_or(0, |&(_, off)| off);
+        let mut elements = constant.checked_add(coef.checked_mul(copy(streams.var))?)?;
+        if let Some(jam) = streams.jammed {
+            if let Some(&(_, c)) = rest.iter().find(|(v, _)| *v == jam) {
+                elements = elements.checked_add(c.checked_mul(copy(jam))?)?;
+            }
+        }
+        let &(_, pointer) = streams.pointers.get(&(buf, coef, rest))?;
+        let size = self.k.params[buf].scalar.bytes() as i64;
+        let off = i32::try_from(elements.checked_mul(size)?).ok()?;
+        Some((pointer, off))
+    }
+
+    /// An index as (coefficient of `var`, the other terms, constant) when it is linear, its
+    /// other variables are i64 and it depends on `var`.
+    fn stream_parts(&self, var: VarId, index: &Expr) -> Option<(i64, Vec<(VarId, i64)>, i64)> {
+        let form = linear_index(index)?;
+        let coef = *form.terms.get(&var)?;
+        let rest: Vec<(VarId, i64)> = form
+            .terms
+            .iter()
+            .filter(|(v, _)| **v != var)
+            .map(|(&v, &c)| (v, c))
+            .collect();
+        if rest.iter().any(|&(v, _)| self.k.vars[v] != Scalar::I64) {
+            return None;
+        }
+        Some((coef, rest, form.constant))
+    }
+
+    /// Sets up [`Streams`] for a loop over `var` from `start` whose body is about to be emitted
+    /// (called before the jump into the loop): one pointer per distinct (buffer, coefficient,
+    /// invariant terms) of the body's loads and stores, if the body has no inner loop. The
+    /// invariant terms must be variables the body does not assign and whose value stays put
+    /// while it is emitted, or the variable of a jammed vector loop around it, whose copies
+    /// move it by constants: its term is taken at the vector iteration's base.
+    fn plan_streams(
+        &mut self,
+        var: VarId,
+        start: Value,
+        body: &[Stmt],
+    ) -> Vec<(StreamKey, Variable)> {
+        if body.iter().any(contains_loop) {
+            return Vec::new();
+        }
+        let mut assigned = std::collections::HashSet::new();
+        collect_assigned(body, &mut assigned);
+        let jammed = self.jammed_base();
+        let vector_locals: std::collections::HashSet<VarId> = self
+            .vec
+            .as_ref()
+            .map(|m| m.vvars.keys().copied().collect())
+            .unwrap_or_default();
+        let mut accesses = Vec::new();
+        for s in body {
+            collect_accesses(s, &mut accesses);
+        }
+        let mut keys: Vec<StreamKey> = Vec::new();
+        for (buf, index) in accesses {
+            if self.expr_type(index) != Scalar::I64 {
+                continue;
+            }
+            let Some((coef, rest, _)) = self.stream_parts(var, index) else {
+                continue;
+            };
+            let stays = rest
+                .iter()
+                .all(|(v, _)| !assigned.contains(v) && !vector_locals.contains(v));
+            let key = (buf, coef, rest);
+            if stays && !keys.contains(&key) && keys.len() < MAX_STREAMS {
+                keys.push(key);
+            }
+        }
+        keys.into_iter()
+            .map(|key| {
+                let (buf, coef, rest) = &key;
+                let size = self.k.params[*buf].scalar.bytes() as i64;
+                let mut at = self.b.ins().imul_imm_s(start, coef * size);
+                for &(v, c) in rest {
+                    let x = match jammed {
+                        Some((jam, base)) if jam == v => base,
+                        _ => self.b.use_var(self.vars[v]),
+                    };
+                    let x = self.b.ins().imul_imm_s(x, c * size);
+                    at = self.b.ins().iadd(at, x);
+                }
+                let first = self.b.ins().iadd(self.ptrs[*buf], at);
+                let pointer = self.b.declare_var(types::I64);
+                self.b.def_var(pointer, first);
+                (key, pointer)
+            })
+            .collect()
+    }
+
+    /// The variable of the jammed vector loop being emitted, if any, with its value at the
+    /// start of the vector iteration.
+    fn jammed_base(&self) -> Option<(VarId, Value)> {
+        let m = self.vec.as_ref().filter(|m| m.copies.len() > 1)?;
+        Some((m.var, m.base?))
     }
 
     /// An i64 index split into its non-constant part (none when it is constant) and its
@@ -1437,6 +1572,7 @@ impl KernelGen<'_, '_> {
     ) -> Result<(), CodegenError> {
         let v = self.vars[var];
         self.b.def_var(v, start);
+        let planned = self.plan_streams(var, start, body);
         let header = self.b.create_block();
         let body_block = self.b.create_block();
         let exit = self.b.create_block();
@@ -1457,6 +1593,17 @@ impl KernelGen<'_, '_> {
         if let Some(m) = self.vec.as_mut().filter(|m| m.var == var) {
             m.base = Some(base);
         }
+        if !planned.is_empty() {
+            let pointers = planned
+                .iter()
+                .map(|(key, p)| (key.clone(), (*p, self.b.use_var(*p))))
+                .collect();
+            self.streams = Some(Streams {
+                var,
+                jammed: self.jammed_base().map(|(jam, _)| jam),
+                pointers,
+            });
+        }
         for u in 0..unroll {
             if u > 0 {
                 let at = self.b.ins().iadd_imm_s(base, u as i64);
@@ -1468,6 +1615,13 @@ impl KernelGen<'_, '_> {
             self.stmts(body)?;
         }
         self.unrolled.remove(&var);
+        if let Some(streams) = self.streams.take() {
+            for ((buf, coef, _), (p, at)) in streams.pointers {
+                let size = self.k.params[buf].scalar.bytes() as i64;
+                let next = self.b.ins().iadd_imm_s(at, coef * step * size);
+                self.b.def_var(p, next);
+            }
+        }
         let next = self.b.ins().iadd_imm_s(base, step);
         self.b.def_var(v, next);
         self.b.ins().jump(header, &[]);
@@ -1501,6 +1655,42 @@ impl KernelGen<'_, '_> {
         let start = self.b.ins().iconst(types::I64, 0);
         let end = self.b.ins().iconst(types::I64, extent as i64);
         self.emit_counted_loop(var, start, end, unroll as i64, unroll, body)
+    }
+}
+
+fn contains_loop(s: &Stmt) -> bool {
+    matches!(s, Stmt::Loop { .. })
+}
+
+/// The (buffer, index) of every load and store of a statement, inner loops included.
+fn collect_accesses<'s>(s: &'s Stmt, out: &mut Vec<(usize, &'s Expr)>) {
+    fn expr<'e>(e: &'e Expr, out: &mut Vec<(usize, &'e Expr)>) {
+        match e {
+            Expr::Const(_) | Expr::Var(_) => {}
+            Expr::Load { buf, index } => {
+                out.push((*buf, index));
+                expr(index, out);
+            }
+            Expr::Bin { a, b, .. } | Expr::Cmp { a, b, .. } => {
+                expr(a, out);
+                expr(b, out);
+            }
+            Expr::Un { a, .. } | Expr::Cast { a, .. } => expr(a, out),
+            Expr::Select { cond, a, b } => {
+                expr(cond, out);
+                expr(a, out);
+                expr(b, out);
+            }
+        }
+    }
+    match s {
+        Stmt::Assign { value, .. } => expr(value, out),
+        Stmt::Store { buf, index, value } => {
+            out.push((*buf, index));
+            expr(index, out);
+            expr(value, out);
+        }
+        Stmt::Loop { body, .. } => body.iter().for_each(|s| collect_accesses(s, out)),
     }
 }
 
@@ -1572,6 +1762,7 @@ fn kernel_function(
         vec: None,
         unrolled: std::collections::HashMap::new(),
         pure_loads,
+        streams: None,
     };
     g.stmts(&k.body)?;
     b.ins().return_(&[]);

@@ -415,6 +415,74 @@ pub fn index(vars: &[VarId], strides: &[usize], offset: usize) -> Expr {
     e
 }
 
+/// An integer index as `constant + sum of coefficient * variable` (see [`linear_index`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinearIndex {
+    /// Variables with their non-zero coefficients, by variable.
+    pub terms: std::collections::BTreeMap<VarId, i64>,
+    pub constant: i64,
+}
+
+impl LinearIndex {
+    fn scaled(mut self, c: i64) -> LinearIndex {
+        self.constant = self.constant.wrapping_mul(c);
+        self.terms.retain(|_, k| {
+            *k = k.wrapping_mul(c);
+            *k != 0
+        });
+        self
+    }
+
+    fn plus(mut self, other: LinearIndex, sign: i64) -> LinearIndex {
+        self.constant = self
+            .constant
+            .wrapping_add(other.constant.wrapping_mul(sign));
+        for (v, k) in other.terms {
+            let t = self.terms.entry(v).or_insert(0);
+            *t = t.wrapping_add(k.wrapping_mul(sign));
+            if *t == 0 {
+                self.terms.remove(&v);
+            }
+        }
+        self
+    }
+}
+
+/// An i64 index expression made of i64 constants, variables, sums, differences and products
+/// by constants, as a [`LinearIndex`]; `None` for anything else (a load, a product of two
+/// variables, a division).
+pub fn linear_index(e: &Expr) -> Option<LinearIndex> {
+    Some(match e {
+        Expr::Const(Const::I64(c)) => LinearIndex {
+            constant: *c,
+            ..LinearIndex::default()
+        },
+        Expr::Var(v) => LinearIndex {
+            terms: [(*v, 1)].into_iter().collect(),
+            constant: 0,
+        },
+        Expr::Bin {
+            op: op @ (BinOp::Add | BinOp::Sub),
+            a,
+            b,
+        } => {
+            let sign = if *op == BinOp::Add { 1 } else { -1 };
+            linear_index(a)?.plus(linear_index(b)?, sign)
+        }
+        Expr::Bin {
+            op: BinOp::Mul,
+            a,
+            b,
+        } => match (&**a, &**b) {
+            (Expr::Const(Const::I64(c)), x) | (x, Expr::Const(Const::I64(c))) => {
+                linear_index(x)?.scaled(*c)
+            }
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
 /// The coefficient of variable `v` in an integer index expression, if the expression is linear
 /// in `v` (sums and products by constants of variables and constants). `Some(0)`: independent.
 pub fn linear_coeff(e: &Expr, v: VarId) -> Option<i64> {
@@ -528,5 +596,42 @@ impl fmt::Display for Kernel {
         writeln!(f, ") {{")?;
         write_stmts(f, &self.body, 1)?;
         writeln!(f, "}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_index_collects_terms_and_constant() {
+        let (i, j, k) = (0, 1, 2);
+        let v = Expr::var;
+        let c = Expr::i64;
+        // (expression, expected terms, expected constant); None: not linear.
+        let cases: Vec<(Expr, Option<(Vec<(VarId, i64)>, i64)>)> = vec![
+            (c(7), Some((vec![], 7))),
+            (v(i), Some((vec![(i, 1)], 0))),
+            (
+                Expr::mul(
+                    Expr::add(Expr::mul(v(i), c(16)), Expr::add(v(j), c(3))),
+                    c(4),
+                ),
+                Some((vec![(i, 64), (j, 4)], 12)),
+            ),
+            (
+                Expr::sub(Expr::add(v(i), v(j)), Expr::add(v(j), c(1))),
+                Some((vec![(i, 1)], -1)),
+            ),
+            (Expr::mul(v(i), c(0)), Some((vec![], 0))),
+            (Expr::mul(v(i), v(k)), None),
+            (Expr::div(v(i), c(4)), None),
+            (Expr::load(0, v(i)), None),
+        ];
+        for (e, want) in cases {
+            let got =
+                linear_index(&e).map(|l| (l.terms.into_iter().collect::<Vec<_>>(), l.constant));
+            assert_eq!(got, want, "{e:?}");
+        }
     }
 }

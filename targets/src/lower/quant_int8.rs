@@ -157,15 +157,13 @@ impl Lowerer<'_> {
         });
         args.push(dst);
         let yp = k.param("y", Scalar::F32, m * nn, true);
-        // Rows of A sharing each weight vector: two locals per row and group (the block's i32
-        // sum and the f32 total) plus the words and their nibble halves fit 16 SSE registers.
+        // Rows of A sharing each weight vector. Per row and group the block's i32 sum stays in
+        // a register (the f32 totals live in the output), next to the nibble halves and the
+        // activation vectors: four sums fit 16 SSE registers.
         let rows = super::row_tile(m, 4 / groups);
-        let per_tile = |k: &mut Kernel, s: Scalar| -> Vec<Vec<VarId>> {
-            (0..rows)
-                .map(|_| (0..groups).map(|_| k.new_var(s)).collect())
-                .collect()
-        };
-        let sums = per_tile(&mut k, Scalar::I32);
+        let sums: Vec<Vec<VarId>> = (0..rows)
+            .map(|_| (0..groups).map(|_| k.new_var(Scalar::I32)).collect())
+            .collect();
         let halves: Vec<[VarId; 2]> = (0..groups)
             .map(|_| [k.new_var(Scalar::I32), k.new_var(Scalar::I32)])
             .collect();
