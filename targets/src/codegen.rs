@@ -261,6 +261,9 @@ struct Streams {
 
 type StreamKey = (usize, i64, Vec<(VarId, i64)>);
 
+/// An index as (coefficient of the loop's variable, the other terms, constant).
+type StreamParts = (i64, Vec<(VarId, i64)>, i64);
+
 /// State of a vectorized loop: its variable, and a vector variable per local it assigns
 /// (`vvars`: those of the copy being emitted; `copies`: one set per jammed copy).
 struct VecMode {
@@ -416,7 +419,7 @@ impl KernelGen<'_, '_> {
 
     /// An index as (coefficient of `var`, the other terms, constant) when it is linear, its
     /// other variables are i64 and it depends on `var`.
-    fn stream_parts(&self, var: VarId, index: &Expr) -> Option<(i64, Vec<(VarId, i64)>, i64)> {
+    fn stream_parts(&self, var: VarId, index: &Expr) -> Option<StreamParts> {
         let form = linear_index(index)?;
         let coef = *form.terms.get(&var)?;
         let rest: Vec<(VarId, i64)> = form
