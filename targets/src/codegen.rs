@@ -452,6 +452,12 @@ impl KernelGen<'_, '_> {
         let mut assigned = std::collections::HashSet::new();
         collect_assigned(body, &mut assigned);
         let jammed = self.jammed_base();
+        // A jammed vector loop's variable without a known base (none is emitted yet) moves.
+        let unknown_jam = self
+            .vec
+            .as_ref()
+            .filter(|m| m.copies.len() > 1 && jammed.is_none())
+            .map(|m| m.var);
         let vector_locals: std::collections::HashSet<VarId> = self
             .vec
             .as_ref()
@@ -469,9 +475,9 @@ impl KernelGen<'_, '_> {
             let Some((coef, rest, _)) = self.stream_parts(var, index) else {
                 continue;
             };
-            let stays = rest
-                .iter()
-                .all(|(v, _)| !assigned.contains(v) && !vector_locals.contains(v));
+            let stays = rest.iter().all(|(v, _)| {
+                !assigned.contains(v) && !vector_locals.contains(v) && Some(*v) != unknown_jam
+            });
             let key = (buf, coef, rest);
             if stays && !keys.contains(&key) && keys.len() < MAX_STREAMS {
                 keys.push(key);
