@@ -163,35 +163,36 @@ static void require_feature(const char *path, const char *f) {
             path, f);
 }
 
+/* The CPU targets: architecture and the features the name implies (as runtime/src/cpu.rs). */
+static const struct {
+    const char *name, *arch, *implied;
+} cpu_targets[] = {
+    {"x86_64", "x86_64", ""},
+    {"x86_64-v3", "x86_64", "avx,avx2,fma"},
+    {"x86_64-v3-vnni", "x86_64", "avx,avx2,fma,avxvnni"},
+    {"aarch64-neon", "aarch64", "neon"},
+    {"aarch64-neon-dotprod", "aarch64", "neon,dotprod"},
+    {"aarch64-sve", "aarch64", "sve"},
+};
+
 /* Checks the target name and every feature it implies or lists (comma separated). */
 static void check_target_and_features(const char *path, const char *target,
                                       const char *features) {
     const char *arch = NULL, *implied = "";
     char buf[1024], *item, *save = NULL;
+    size_t t;
 
-    if (!strcmp(target, "x86_64")) {
-        arch = "x86_64";
-    } else if (!strcmp(target, "x86_64-v3")) {
-        arch = "x86_64";
-        implied = "avx,avx2,fma";
-    } else if (!strcmp(target, "x86_64-v3-vnni")) {
-        arch = "x86_64";
-        implied = "avx,avx2,fma,avxvnni";
-    } else if (!strcmp(target, "aarch64-neon")) {
-        arch = "aarch64";
-        implied = "neon";
-    } else if (!strcmp(target, "aarch64-neon-dotprod")) {
-        arch = "aarch64";
-        implied = "neon,dotprod";
-    } else if (!strcmp(target, "aarch64-sve")) {
-        arch = "aarch64";
-        implied = "sve";
-    } else if (!strncmp(target, "cuda-", 5)) {
+    for (t = 0; t < sizeof cpu_targets / sizeof cpu_targets[0]; t++) {
+        if (!strcmp(target, cpu_targets[t].name)) {
+            arch = cpu_targets[t].arch;
+            implied = cpu_targets[t].implied;
+        }
+    }
+    if (!arch && !strncmp(target, "cuda-", 5))
         die(EXIT_CANNOT_RUN, "%s: artifact targets %s, a CUDA GPU; this CPU harness cannot run it",
             path, target);
-    } else {
+    if (!arch)
         die(EXIT_CANNOT_RUN, "%s: unknown target '%s'", path, target);
-    }
 
     if (strcmp(arch, HOST_ARCH) != 0)
         die(EXIT_CANNOT_RUN, "%s: artifact was built for target %s, but this host is %s", path,

@@ -161,6 +161,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     let (mut kiln_times, mut ort_times, mut ort_rss) = (Vec::new(), Vec::new(), None);
     let mut bandwidth: Option<Bandwidth> = None;
+    // Allocated at the first measurement, after Kiln's peak memory is read, and reused.
+    let mut probe: Option<MemoryProbe> = None;
     // Kiln's peak memory is read after its first runs, before the bandwidth buffers exist.
     let mut kiln_rss = None;
     for _ in 0..args.rounds {
@@ -172,14 +174,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             ort_rss = ort_rss.max(rss);
         }
         if weight_bytes.is_some() {
-            let bw = memory_bandwidth(threads);
-            bandwidth = Some(match bandwidth {
-                Some(b) => Bandwidth {
-                    copy: b.copy.max(bw.copy),
-                    read: b.read.max(bw.read),
-                },
-                None => bw,
-            });
+            let bw = probe.get_or_insert_with(MemoryProbe::new).measure(threads);
+            bandwidth = Some(bandwidth.map_or(bw, |b| b.best(bw)));
         }
     }
     let kiln = Stats::of(&kiln_times);
@@ -231,6 +227,7 @@ const MEMORY_BYTES: usize = 256 << 20;
 /// Rounds of each measurement; the best one is reported, as STREAM does.
 const MEMORY_ROUNDS: usize = 5;
 
+#[derive(Clone, Copy)]
 struct Bandwidth {
     /// Bytes read plus bytes written per second.
     copy: f64,
@@ -238,42 +235,63 @@ struct Bandwidth {
     read: f64,
 }
 
-/// A STREAM-like measurement: `threads` threads each copy (then read) their share of two
-/// 256 MiB buffers; the best of a few rounds counts.
-fn memory_bandwidth(threads: usize) -> Bandwidth {
-    let words = MEMORY_BYTES / 8;
-    let src: Vec<u64> = (0..words as u64).collect();
-    let mut dst = vec![0u64; words];
-    let chunk = words.div_ceil(threads);
-    let mut best = Bandwidth {
-        copy: 0.0,
-        read: 0.0,
-    };
-    for _ in 0..MEMORY_ROUNDS {
-        let t0 = Instant::now();
-        std::thread::scope(|s| {
-            for (d, a) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                s.spawn(move || d.copy_from_slice(a));
-            }
-        });
-        best.copy = best
-            .copy
-            .max(2.0 * MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64());
-        let t0 = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
-            let parts: Vec<_> = src
-                .chunks(chunk)
-                .map(|a| s.spawn(move || read_all(a)))
-                .collect();
-            parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
-        });
-        best.read = best
-            .read
-            .max(MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64());
-        std::hint::black_box(total);
+impl Bandwidth {
+    /// The better of two measurements, figure by figure.
+    fn best(self, other: Bandwidth) -> Bandwidth {
+        Bandwidth {
+            copy: self.copy.max(other.copy),
+            read: self.read.max(other.read),
+        }
     }
-    std::hint::black_box(&dst);
-    best
+}
+
+/// The two 256 MiB buffers of a STREAM-like measurement.
+struct MemoryProbe {
+    src: Vec<u64>,
+    dst: Vec<u64>,
+}
+
+impl MemoryProbe {
+    fn new() -> MemoryProbe {
+        let words = MEMORY_BYTES / 8;
+        MemoryProbe {
+            src: (0..words as u64).collect(),
+            dst: vec![0u64; words],
+        }
+    }
+
+    /// `threads` threads each copy (then read) their share of the buffers; the best of
+    /// [`MEMORY_ROUNDS`] rounds counts.
+    fn measure(&mut self, threads: usize) -> Bandwidth {
+        let chunk = self.src.len().div_ceil(threads);
+        let (src, dst) = (&self.src, &mut self.dst);
+        let mut best = Bandwidth {
+            copy: 0.0,
+            read: 0.0,
+        };
+        for _ in 0..MEMORY_ROUNDS {
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for (d, a) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                    s.spawn(move || d.copy_from_slice(a));
+                }
+            });
+            let copy = 2.0 * MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let total: u64 = std::thread::scope(|s| {
+                let parts: Vec<_> = src
+                    .chunks(chunk)
+                    .map(|a| s.spawn(move || read_all(a)))
+                    .collect();
+                parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
+            });
+            let read = MEMORY_BYTES as f64 / t0.elapsed().as_secs_f64();
+            std::hint::black_box(total);
+            best = best.best(Bandwidth { copy, read });
+        }
+        std::hint::black_box(&self.dst);
+        best
+    }
 }
 
 /// Sums a slice with independent accumulators, so that loads, not additions, bound it.

@@ -252,8 +252,6 @@ const MAX_STREAMS: usize = 8;
 /// this each iteration recomputes every address from the loop variables.
 struct Streams {
     var: VarId,
-    /// The variable of a jammed vector loop around this loop: the pointers are at its base.
-    jammed: Option<VarId>,
     /// (buffer, coefficient of `var`, invariant terms) -> the pointer variable and its value in
     /// the iteration being emitted.
     pointers: std::collections::HashMap<StreamKey, (Variable, Value)>,
@@ -406,7 +404,8 @@ impl KernelGen<'_, '_> {
         // the bases.
         let copy = |v: VarId| self.unrolled.get(&v).map_or(0, |&(_, off)| off);
         let mut elements = constant.checked_add(coef.checked_mul(copy(streams.var))?)?;
-        if let Some(jam) = streams.jammed {
+        // The pointers are at the base of a jammed vector loop around this one.
+        if let Some((jam, _)) = self.jammed_base() {
             if let Some(&(_, c)) = rest.iter().find(|(v, _)| *v == jam) {
                 elements = elements.checked_add(c.checked_mul(copy(jam))?)?;
             }
@@ -1607,11 +1606,7 @@ impl KernelGen<'_, '_> {
                 .iter()
                 .map(|(key, p)| (key.clone(), (*p, self.b.use_var(*p))))
                 .collect();
-            self.streams = Some(Streams {
-                var,
-                jammed: self.jammed_base().map(|(jam, _)| jam),
-                pointers,
-            });
+            self.streams = Some(Streams { var, pointers });
         }
         for u in 0..unroll {
             if u > 0 {
