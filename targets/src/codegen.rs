@@ -238,6 +238,11 @@ struct KernelGen<'a, 'b> {
     pure_loads: bool,
     /// The strength-reduced addresses of the innermost loop being emitted, if any.
     streams: Option<Streams>,
+    /// The artifact's microkernels (function indices) and the references this function has
+    /// imported so far.
+    microkernels: &'a std::collections::HashMap<Microkernel, u32>,
+    call_refs: std::collections::HashMap<Microkernel, ir::FuncRef>,
+    call_conv: isa::CallConv,
 }
 
 /// Most pointers an innermost loop carries (each holds a register across the loop).
@@ -1120,6 +1125,7 @@ impl KernelGen<'_, '_> {
                         self.b.def_var(self.vars[*var], v);
                     }
                 }
+                Stmt::Call { kernel, args } => self.call(*kernel, args)?,
                 Stmt::Store { buf, index, value } => {
                     if self.vec.is_some() {
                         let v = self.vexpr_splat(value)?;
@@ -1212,6 +1218,9 @@ impl KernelGen<'_, '_> {
                 let Expr::Bin { a: x, b: y, .. } = &**prod else {
                     unreachable!("matched above")
                 };
+                if let Some(r) = self.fma_with_broadcast(x, y, acc)? {
+                    return Ok((r, true));
+                }
                 match self.vector_operands([x, y, acc], Scalar::F32)? {
                     Some([x, y, acc]) => (self.b.ins().fma(x, y, acc), true),
                     None => (self.expr_as(e, class)?, false),
@@ -1362,6 +1371,108 @@ impl KernelGen<'_, '_> {
             }
             other => (self.expr_as(other, class)?, false),
         })
+    }
+
+    /// Calls microkernel `kernel` (declared in the artifact by [`generate`]).
+    fn call(&mut self, kernel: Microkernel, args: &[CallArg]) -> Result<(), CodegenError> {
+        if self.vec.is_some() {
+            return Err(self.err("a microkernel call cannot be vectorized"));
+        }
+        let id = *self
+            .microkernels
+            .get(&kernel)
+            .ok_or_else(|| self.err(format!("{} is not available here", kernel.name())))?;
+        let mut values = Vec::with_capacity(args.len());
+        for a in args {
+            values.push(match a {
+                CallArg::Addr { buf, index } => {
+                    let (addr, off) = self.address(*buf, index)?;
+                    if off == 0 {
+                        addr
+                    } else {
+                        self.b.ins().iadd_imm_s(addr, off as i64)
+                    }
+                }
+                CallArg::Int(e) => self.expr_as(e, Scalar::I64)?,
+            });
+        }
+        let fref = match self.call_refs.get(&kernel) {
+            Some(&f) => f,
+            None => {
+                let mut sig = Signature::new(self.call_conv);
+                sig.params
+                    .extend(values.iter().map(|_| AbiParam::new(types::I64)));
+                let sig = self.b.import_signature(sig);
+                let f = import_func(self.b, id, sig);
+                self.call_refs.insert(kernel, f);
+                f
+            }
+        };
+        self.b.ins().call(fref, &values);
+        Ok(())
+    }
+
+    /// `acc + x * y` on x86-64 with AVX when one factor is an f32 load invariant in the
+    /// vector loop (the `A[i, k]` of a register-tiled product): that element is loaded and
+    /// broadcast once per use, as one `vbroadcastss xmm, [mem]`, and becomes the multiplicand
+    /// that `vfmadd213ps` overwrites. Sharing one broadcast between the tile's columns costs
+    /// more: a scalar load, a register shuffle, and a register copy before every FMA but the
+    /// last, since Cranelift 0.135's x86-64 FMAs all overwrite a multiplicand. `None` when
+    /// the pattern does not apply.
+    fn fma_with_broadcast(
+        &mut self,
+        x: &Expr,
+        y: &Expr,
+        acc: &Expr,
+    ) -> Result<Option<Value>, CodegenError> {
+        let var = self.vec.as_ref().map(|m| m.var).expect("vector mode");
+        let is_broadcast = |e: &Expr, k: &Kernel| match e {
+            Expr::Load { buf, index } => {
+                k.params[*buf].scalar == Scalar::F32 && linear_coeff(index, var) == Some(0)
+            }
+            _ => false,
+        };
+        if self.arch != Arch::X86_64 {
+            return Ok(None);
+        }
+        let (bcast, other) = if is_broadcast(x, self.k) {
+            (x, y)
+        } else if is_broadcast(y, self.k) {
+            (y, x)
+        } else {
+            return Ok(None);
+        };
+        let (other, other_is_vec) = self.vexpr_in(other, Scalar::F32)?;
+        let (acc, acc_is_vec) = self.vexpr_in(acc, Scalar::F32)?;
+        if !(other_is_vec || acc_is_vec) {
+            return Ok(None);
+        }
+        let other = if other_is_vec {
+            other
+        } else {
+            self.b.ins().splat(VF32, other)
+        };
+        let acc = if acc_is_vec {
+            acc
+        } else {
+            self.b.ins().splat(VF32, acc)
+        };
+        let Expr::Load { buf, index } = bcast else {
+            unreachable!("checked by is_broadcast")
+        };
+        let (addr, off) = self.address(*buf, index)?;
+        // The copies of a jammed loop read the same element; a distinct address value per
+        // copy (folded back into the displacement by instruction selection) keeps the
+        // optimizer from merging their loads.
+        let copy = self.unrolled.get(&var).map_or(0, |&(_, c)| c);
+        let (addr, off) = match i32::try_from(copy * 4) {
+            Ok(0) | Err(_) => (addr, off),
+            Ok(shift) => (self.b.ins().iadd_imm_s(addr, shift as i64), off - shift),
+        };
+        let load_flags = self.load_flags(*buf, flags());
+        let element = self.b.ins().load(types::F32, load_flags, addr, off);
+        let lanes = self.b.ins().splat(VF32, element);
+        Ok(Some(self.b.ins().fma(lanes, other, acc)))
     }
 
     /// Operands of a fused vector instruction in lane type `class`, invariant ones splatted;
@@ -1695,6 +1806,29 @@ fn collect_accesses<'s>(s: &'s Stmt, out: &mut Vec<(usize, &'s Expr)>) {
             expr(value, out);
         }
         Stmt::Loop { body, .. } => body.iter().for_each(|s| collect_accesses(s, out)),
+        Stmt::Call { args, .. } => {
+            for a in args {
+                match a {
+                    CallArg::Addr { buf, index } => {
+                        out.push((*buf, index));
+                        expr(index, out);
+                    }
+                    CallArg::Int(e) => expr(e, out),
+                }
+            }
+        }
+    }
+}
+
+fn collect_microkernels(stmts: &[Stmt], out: &mut std::collections::BTreeSet<Microkernel>) {
+    for s in stmts {
+        match s {
+            Stmt::Call { kernel, .. } => {
+                out.insert(*kernel);
+            }
+            Stmt::Loop { body, .. } => collect_microkernels(body, out),
+            Stmt::Store { .. } | Stmt::Assign { .. } => {}
+        }
     }
 }
 
@@ -1705,7 +1839,7 @@ fn collect_assigned(stmts: &[Stmt], out: &mut std::collections::HashSet<VarId>) 
                 out.insert(*var);
             }
             Stmt::Loop { body, .. } => collect_assigned(body, out),
-            Stmt::Store { .. } => {}
+            Stmt::Store { .. } | Stmt::Call { .. } => {}
         }
     }
 }
@@ -1726,6 +1860,7 @@ fn kernel_function(
     m: &ModuleBuilder,
     k: &Kernel,
     pure_loads: bool,
+    microkernels: &std::collections::HashMap<Microkernel, u32>,
 ) -> Result<ir::Function, CodegenError> {
     let sig = m.signature(&[m.ptr(), types::I64, types::I64], None);
     let mut func = ir::Function::with_name_signature(UserFuncName::user(NS_FUNC, 0), sig);
@@ -1767,6 +1902,9 @@ fn kernel_function(
         unrolled: std::collections::HashMap::new(),
         pure_loads,
         streams: None,
+        microkernels,
+        call_refs: std::collections::HashMap::new(),
+        call_conv: m.isa.default_call_conv(),
     };
     g.stmts(&k.body)?;
     b.ins().return_(&[]);
@@ -1815,6 +1953,29 @@ pub fn generate(
             weight_sym[i] = Some(m.add_data(format!("kiln_w{i}"), bytes.clone(), 64));
         }
     }
+    // Microkernels the kernels call, each once, as hand-written leaf functions.
+    let mut used = std::collections::BTreeSet::new();
+    for s in &p.steps {
+        collect_microkernels(&s.kernel.body, &mut used);
+    }
+    let mut microkernels = std::collections::HashMap::new();
+    for uk in used {
+        if arch != Arch::X86_64 || !fma {
+            return Err(CodegenError::Isa(format!(
+                "{} needs x86-64 with AVX2 and FMA, not {}",
+                uk.name(),
+                target.name
+            )));
+        }
+        let id = m.declare_function(uk.name());
+        m.functions.push(FunctionBlob {
+            name: uk.name(),
+            code: crate::microkernel::code(uk),
+            align: 32,
+            relocs: Vec::new(),
+        });
+        microkernels.insert(uk, id);
+    }
     // Kernels.
     let mut kernel_ids = Vec::new();
     for (si, s) in p.steps.iter().enumerate() {
@@ -1824,7 +1985,7 @@ pub fn generate(
         let aliased = s.args.iter().enumerate().any(|(i, b)| {
             s.kernel.params[i].writes && s.args.iter().filter(|c| *c == b).count() > 1
         });
-        let f = kernel_function(&m, &s.kernel, !aliased)?;
+        let f = kernel_function(&m, &s.kernel, !aliased, &microkernels)?;
         m.compile(id, f)?;
         kernel_ids.push(id);
     }

@@ -7,6 +7,7 @@ pub mod artifact;
 pub mod codegen;
 pub mod loop_ir;
 pub mod lower;
+pub mod microkernel;
 pub mod plan;
 pub mod schedule;
 

@@ -281,6 +281,43 @@ pub enum Stmt {
     },
     /// Assigns a scalar local (accumulators, temporaries).
     Assign { var: VarId, value: Expr },
+    /// Calls a leaf routine that is not written in the loop IR (see [`Microkernel`]); it
+    /// reads and writes memory only through its address arguments.
+    Call {
+        kernel: Microkernel,
+        args: Vec<CallArg>,
+    },
+}
+
+/// A routine emitted as hand-scheduled machine code (see [`crate::microkernel`]), called from
+/// kernels through [`Stmt::Call`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Microkernel {
+    /// x86-64 with AVX2 and FMA: `(a, lda_bytes, b, y, ldy_bytes, kc)`, a tile of `rows` (1 to
+    /// 6) rows of A times one packed 16-column panel of B over `kc` reduction steps, stored
+    /// to Y or, with `accumulate`, added to it.
+    SgemmAvx2 { rows: u8, accumulate: bool },
+}
+
+impl Microkernel {
+    /// The symbol name of the routine in an artifact.
+    pub fn name(&self) -> String {
+        match self {
+            Microkernel::SgemmAvx2 { rows, accumulate } => format!(
+                "kiln_uk_sgemm_avx2_{rows}x16{}",
+                if *accumulate { "_acc" } else { "" }
+            ),
+        }
+    }
+}
+
+/// An argument of a [`Stmt::Call`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallArg {
+    /// The address of element `index` of buffer `buf`.
+    Addr { buf: usize, index: Expr },
+    /// A 64-bit integer.
+    Int(Expr),
 }
 
 /// A buffer parameter of a kernel.
@@ -570,6 +607,16 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt:
             }
             Stmt::Store { buf, index, value } => writeln!(f, "{pad}b{buf}[{index}] = {value}")?,
             Stmt::Assign { var, value } => writeln!(f, "{pad}v{var} = {value}")?,
+            Stmt::Call { kernel, args } => {
+                let args: Vec<String> = args
+                    .iter()
+                    .map(|a| match a {
+                        CallArg::Addr { buf, index } => format!("&b{buf}[{index}]"),
+                        CallArg::Int(e) => e.to_string(),
+                    })
+                    .collect();
+                writeln!(f, "{pad}call {}({})", kernel.name(), args.join(", "))?
+            }
         }
     }
     Ok(())

@@ -167,7 +167,7 @@ fn assigned(stmts: &[Stmt], out: &mut HashSet<VarId>) {
                 out.insert(*var);
             }
             Stmt::Loop { body, .. } => assigned(body, out),
-            Stmt::Store { .. } => {}
+            Stmt::Store { .. } | Stmt::Call { .. } => {}
         }
     }
 }
@@ -215,6 +215,7 @@ fn writes_first(stmts: &[Stmt], locals: &HashSet<VarId>, seen: &mut HashSet<VarI
                     return false;
                 }
             }
+            Stmt::Call { .. } => return false,
         }
     }
     true
@@ -232,6 +233,8 @@ fn stmts_ok(k: &Kernel, v: VarId, locals: &HashSet<VarId>, stmts: &[Stmt]) -> bo
                 && value_ok(k, v, locals, value)
         }
         Stmt::Loop { body, .. } => stmts_ok(k, v, locals, body),
+        // A microkernel runs on its own registers: no vector form.
+        Stmt::Call { .. } => false,
     })
 }
 

@@ -13,6 +13,7 @@
 use super::quant::{self, reads_as_b};
 use super::{Lowerer, R, SUM_BLOCK};
 use crate::loop_ir::*;
+use crate::microkernel::{SGEMM_AVX2_COLUMNS, SGEMM_AVX2_MAX_ROWS};
 use kiln_compiler::ir::{Node, NodeId, Op, ValueId};
 
 /// Register tile of the packed matrix kernels, chosen per target (see [`crate::compile`]).
@@ -22,6 +23,9 @@ pub struct LowerOptions {
     pub gemm_rows: usize,
     /// Columns per packed panel of B (a multiple of 4: one f32x4 vector per 4 columns).
     pub gemm_panel: usize,
+    /// Whether products of f32 matrices use [`Microkernel::SgemmAvx2`] tiles (x86-64 with
+    /// AVX2 and FMA): B is packed in panels of [`SGEMM_AVX2_COLUMNS`] columns instead.
+    pub sgemm_avx2: bool,
 }
 
 impl Default for LowerOptions {
@@ -31,6 +35,7 @@ impl Default for LowerOptions {
         LowerOptions {
             gemm_rows: 4,
             gemm_panel: 8,
+            sgemm_avx2: false,
         }
     }
 }
@@ -43,7 +48,18 @@ impl LowerOptions {
             crate::Isa::Aarch64 => LowerOptions {
                 gemm_rows: 8,
                 gemm_panel: 8,
+                sgemm_avx2: false,
             },
+            crate::Isa::X86_64
+                if ["avx2", "fma"]
+                    .iter()
+                    .all(|f| target.required_features.contains(f)) =>
+            {
+                LowerOptions {
+                    sgemm_avx2: true,
+                    ..LowerOptions::default()
+                }
+            }
             _ => LowerOptions::default(),
         }
     }
@@ -106,7 +122,8 @@ impl Lowerer<'_> {
             Readers::ProductsAndGathers if plain => {}
             _ => return Ok(false),
         }
-        let panel = self.panel();
+        let scalar = self.g.value(src).ty.dtype;
+        let panel = self.panel(scalar.and_then(super::scalar_of));
         let packed = self.packed_weights(src, s.k, s.n, (s.b_rs, s.b_cs), panel)?;
         let a = n.inputs[0].ok_or("missing A")?;
         let full = s.n / panel;
@@ -118,7 +135,11 @@ impl Lowerer<'_> {
                 col0: 0,
                 offset: 0,
             };
-            self.packed_kernel(n, &n.name, s, a, packed, specials, &at)?;
+            if panel == SGEMM_AVX2_COLUMNS && specials.is_none() && s.a_cs == 1 {
+                self.microkernel_product(n, s, a, packed, &at)?;
+            } else {
+                self.packed_kernel(n, &n.name, s, a, packed, specials, &at)?;
+            }
         }
         if tail > 0 {
             let at = Panels {
@@ -132,8 +153,13 @@ impl Lowerer<'_> {
         Ok(true)
     }
 
-    fn panel(&self) -> usize {
-        self.opts.gemm_panel.max(4) / 4 * 4
+    /// Columns per packed panel of a B whose elements are `scalar`.
+    fn panel(&self, scalar: Option<Scalar>) -> usize {
+        if self.opts.sgemm_avx2 && scalar == Some(Scalar::F32) {
+            SGEMM_AVX2_COLUMNS
+        } else {
+            self.opts.gemm_panel.max(4) / 4 * 4
+        }
     }
 
     /// Who reads constant `src` (see [`Readers`]).
@@ -176,10 +202,11 @@ impl Lowerer<'_> {
             return Ok(None);
         }
         let shape = self.shape(table)?;
+        let scalar = self.g.value(table).ty.dtype.and_then(super::scalar_of);
         let layout = PackedLayout {
             k: shape[0],
             n: shape[1],
-            panel: self.panel(),
+            panel: self.panel(scalar),
         };
         let buf = self.packed_weights(table, layout.k, layout.n, (layout.n, 1), layout.panel)?;
         Ok(Some((buf, layout)))
@@ -417,7 +444,10 @@ impl Lowerer<'_> {
                     // Whole panels are vectorized here, one vector per four columns, so that
                     // the tile's accumulators span the panel; a narrower last panel is left
                     // to the schedule.
-                    let kind = if at.width == self.opts.gemm_panel && at.width.is_multiple_of(4) {
+                    let kind = if at.width.is_multiple_of(4)
+                        && (at.width == self.opts.gemm_panel
+                            || (self.opts.sgemm_avx2 && at.width <= SGEMM_AVX2_COLUMNS))
+                    {
                         LoopKind::Vectorized {
                             lanes: 4,
                             jam: at.width / 4,
@@ -431,6 +461,144 @@ impl Lowerer<'_> {
                         kind,
                         body: columns,
                     });
+                    tile
+                }));
+            }
+            body
+        });
+        self.p.steps.push(super::Step { kernel: k, args });
+        Ok(())
+    }
+}
+
+impl Lowerer<'_> {
+    /// The whole panels of a product of f32 matrices as calls of [`Microkernel::SgemmAvx2`]:
+    /// per panel (the parallel loop) and tile of up to six rows, one call per block of
+    /// [`SUM_BLOCK`] reduction steps, the first storing its sums to Y and the others adding
+    /// to them, as the Cranelift kernels flush theirs. A Gemm's alpha and C are applied to the
+    /// tile afterwards. Needs A contiguous along the reduction.
+    fn microkernel_product(
+        &mut self,
+        n: &Node,
+        s: &PackedProduct,
+        a: ValueId,
+        packed: usize,
+        at: &Panels,
+    ) -> R<()> {
+        let mut k = Kernel::new(&n.name);
+        k.contract = true;
+        let ab = self.buffer(a)?;
+        let ap = k.param("a", Scalar::F32, self.p.buffers[ab].len, false);
+        let bp = k.param("b", Scalar::F32, self.p.buffers[packed].len, false);
+        let mut args = vec![ab, packed];
+        let c = match s.c {
+            Some((cv, strides)) => {
+                let cb = self.buffer(cv)?;
+                args.push(cb);
+                Some((
+                    k.param("c", Scalar::F32, self.p.buffers[cb].len, false),
+                    strides,
+                ))
+            }
+            None => None,
+        };
+        let dst = self.out_buffer(n.outputs[0])?;
+        args.push(dst);
+        let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
+        let rows = SGEMM_AVX2_MAX_ROWS.min(s.m);
+        let whole = s.m / rows;
+        let tiles = [(0, whole, rows), (whole * rows, 1, s.m - whole * rows)];
+        let i = |v: usize| Expr::i64(v as i64);
+        let width = at.width;
+        k.body = nest(&mut k, &[at.count], |k, v| {
+            let q = v[0];
+            let col = Expr::add(i(at.col0), Expr::mul(Expr::var(q), i(width)));
+            let mut body = Vec::new();
+            for &(row0, count, tile_rows) in tiles.iter().filter(|t| t.1 > 0 && t.2 > 0) {
+                body.extend(nest(k, &[count], |k, v| {
+                    let row = Expr::add(i(row0), Expr::mul(Expr::var(v[0]), i(tile_rows)));
+                    let call = |from: Expr, len: usize, accumulate: bool| Stmt::Call {
+                        kernel: Microkernel::SgemmAvx2 {
+                            rows: tile_rows as u8,
+                            accumulate,
+                        },
+                        args: vec![
+                            CallArg::Addr {
+                                buf: ap,
+                                index: Expr::add(Expr::mul(row.clone(), i(s.a_rs)), from.clone()),
+                            },
+                            CallArg::Int(i(s.a_rs * 4)),
+                            CallArg::Addr {
+                                buf: bp,
+                                index: Expr::add(
+                                    i(at.offset),
+                                    Expr::add(
+                                        Expr::mul(Expr::var(q), i(width * s.k)),
+                                        Expr::mul(from, i(width)),
+                                    ),
+                                ),
+                            },
+                            CallArg::Addr {
+                                buf: yp,
+                                index: Expr::add(Expr::mul(row.clone(), i(s.n)), col.clone()),
+                            },
+                            CallArg::Int(i(s.n * 4)),
+                            CallArg::Int(i(len)),
+                        ],
+                    };
+                    let blocks = s.k / SUM_BLOCK;
+                    let tail = s.k % SUM_BLOCK;
+                    let chunks = blocks + usize::from(tail > 0);
+                    let first_len = if blocks > 0 { SUM_BLOCK } else { tail };
+                    let mut tile = vec![call(i(0), first_len, false)];
+                    if chunks > 2 {
+                        let blk = k.new_var(Scalar::I64);
+                        let from = Expr::mul(Expr::add(Expr::var(blk), i(1)), i(SUM_BLOCK));
+                        tile.push(Stmt::Loop {
+                            var: blk,
+                            extent: chunks - 2,
+                            kind: LoopKind::Serial,
+                            body: vec![call(from, SUM_BLOCK, true)],
+                        });
+                    }
+                    if chunks > 1 {
+                        let last_len = if tail > 0 { tail } else { SUM_BLOCK };
+                        tile.push(call(i(s.k - last_len), last_len, true));
+                    }
+                    if s.alpha != 1.0 || c.is_some() {
+                        let (r, j) = (k.new_var(Scalar::I64), k.new_var(Scalar::I64));
+                        let at_r = Expr::add(row.clone(), Expr::var(r));
+                        let at_col = Expr::add(col.clone(), Expr::var(j));
+                        let y_idx = Expr::add(Expr::mul(at_r.clone(), i(s.n)), at_col.clone());
+                        let mut value = Expr::load(yp, y_idx.clone());
+                        if s.alpha != 1.0 {
+                            value = Expr::mul(Expr::f32(s.alpha), value);
+                        }
+                        if let Some((cp, cs)) = c {
+                            let c_idx =
+                                Expr::add(Expr::mul(at_r, i(cs[0])), Expr::mul(at_col, i(cs[1])));
+                            let mut cv = Expr::load(cp, c_idx);
+                            if s.beta != 1.0 {
+                                cv = Expr::mul(Expr::f32(s.beta), cv);
+                            }
+                            value = Expr::add(value, cv);
+                        }
+                        tile.push(Stmt::Loop {
+                            var: r,
+                            extent: tile_rows,
+                            kind: LoopKind::Serial,
+                            body: vec![Stmt::Loop {
+                                var: j,
+                                extent: width,
+                                kind: LoopKind::Serial,
+                                body: vec![Stmt::Store {
+                                    buf: yp,
+                                    index: y_idx,
+                                    value,
+                                }],
+                            }],
+                        });
+                    }
                     tile
                 }));
             }
