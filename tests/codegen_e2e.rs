@@ -321,3 +321,120 @@ fn targets_lists_every_target_and_which_have_a_code_generator() {
         "{footer}"
     );
 }
+
+/// Matrix products against constant weights at the edges of their tilings, on every x86-64
+/// target the host runs, against the interpreter: tiles of 6 rows (AVX2 microkernel) and 4
+/// rows (Cranelift) with rows left over, one row, panels of 16 and 8 columns with a narrower
+/// last panel, reductions shorter than, equal to and longer than a summation block with a
+/// tail, and Gemm's alpha, beta and bias applied after the tiles.
+#[test]
+fn products_at_tiling_edges_match_the_interpreter() {
+    struct Case {
+        m: i64,
+        k: i64,
+        n: i64,
+        /// Gemm (alpha, beta) with a bias over columns; `None`: MatMul.
+        gemm: Option<(f32, f32)>,
+    }
+    let cases = [
+        Case {
+            m: 7,
+            k: 130,
+            n: 40,
+            gemm: None,
+        },
+        Case {
+            m: 1,
+            k: 64,
+            n: 16,
+            gemm: None,
+        },
+        Case {
+            m: 13,
+            k: 20,
+            n: 36,
+            gemm: Some((0.5, 2.0)),
+        },
+        Case {
+            m: 6,
+            k: 200,
+            n: 52,
+            gemm: Some((1.0, 1.0)),
+        },
+        Case {
+            m: 5,
+            k: 9,
+            n: 4,
+            gemm: None,
+        },
+    ];
+    let values = |seed: u32, n: i64| -> Vec<u8> {
+        (0..n as u32)
+            .flat_map(|i| {
+                let h = (i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000;
+                (h as f32 / 500.0 - 1.0).to_le_bytes()
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (ci, c) in cases.iter().enumerate() {
+        let mut inits = vec![f32_initializer("w", &[c.k, c.n], values(1, c.k * c.n))];
+        let product = match c.gemm {
+            Some((alpha, beta)) => {
+                inits.push(f32_initializer("bias", &[c.n], values(2, c.n)));
+                let mut g = node("Gemm", "gemm", &["x", "w", "bias"], &["y"]);
+                for (name, v) in [("alpha", alpha), ("beta", beta)] {
+                    g.attribute.push(kiln_compiler::proto::AttributeProto {
+                        name: Some(name.into()),
+                        r#type: Some(1),
+                        f: Some(v),
+                        ..Default::default()
+                    });
+                }
+                g
+            }
+            None => node("MatMul", "matmul", &["x", "w"], &["y"]),
+        };
+        let m = model(
+            vec![product],
+            vec![value_info("x", 1, &[Ok(c.m), Ok(c.k)])],
+            vec![value_info("y", 1, &[Ok(c.m), Ok(c.n)])],
+            inits,
+        );
+        let path = write_model(dir.path(), &format!("p{ci}.onnx"), &m);
+        let graph = load_model(&path).unwrap().graph;
+        let x = Tensor::from_le_bytes(
+            kiln_compiler::DType::F32,
+            vec![c.m as usize, c.k as usize],
+            &values(3, c.m * c.k),
+        )
+        .unwrap();
+        let inputs = vec![x];
+        let expected = interp::run(&graph, &inputs).unwrap();
+        for target in ["x86_64", "x86_64-v3", "x86_64-v3-vnni"] {
+            let so = dir.path().join(format!("p{ci}-{target}.so"));
+            let r = kiln(&[
+                "compile",
+                &path.display().to_string(),
+                "--target",
+                target,
+                "-o",
+                &so.display().to_string(),
+            ]);
+            assert_eq!(r.code, Some(0), "case {ci} {target}: {}", r.stderr);
+            if kiln_runtime::cpu::check_compatible(target, &[]).is_err() {
+                continue;
+            }
+            for threads in [1, 2] {
+                check_outputs(
+                    &format!(
+                        "case {ci} ({}x{}x{}) {target} ({threads} threads)",
+                        c.m, c.k, c.n
+                    ),
+                    &expected,
+                    &run_native(&so, &inputs, threads),
+                );
+            }
+        }
+    }
+}

@@ -2,7 +2,9 @@
 //! (B packed in panels of 8 columns whose loop lowering vectorizes, a 4-row register tile, the
 //! tile loop parallel, and a 4-column tail panel vectorized by the schedule), a broadcasting elementwise Add+Relu chain (innermost loop
 //! vectorized) and a Softmax (its reductions stay scalar: they carry a value between
-//! iterations). The numerics of scheduled code are checked end to end by tests/codegen_e2e.rs
+//! iterations). With the AVX2 microkernel (x86_64-v3 targets), a Gemm against a constant
+//! becomes calls of 6- and 1-row tiles over 16-column panels in blocks of 64 reduction steps,
+//! then its alpha and bias, and a 4-column tail panel in loop IR. The numerics of scheduled code are checked end to end by tests/codegen_e2e.rs
 //! and the host conformance run.
 
 use kiln_compiler::dtype::DType;
@@ -10,7 +12,7 @@ use kiln_compiler::ir::{
     BinaryOp, Constant, Graph, Node, Op, SoftmaxKind, UnaryOp, ValueDef, ValueType,
 };
 use kiln_compiler::Tensor;
-use kiln_targets::lower::lower;
+use kiln_targets::lower::{lower, lower_with, LowerOptions};
 use kiln_targets::schedule::{schedule, ScheduleOptions};
 
 fn graph() -> Graph {
@@ -83,6 +85,70 @@ fn graph() -> Graph {
 #[test]
 fn kernels_before_and_after_scheduling() {
     let program = lower(&graph()).unwrap();
+    let opts = ScheduleOptions {
+        vector_lanes: 4,
+        vector_jam: 2,
+        unroll: 4,
+        parallel_min_work: 64,
+    };
+    let mut text = String::new();
+    for step in &program.steps {
+        let mut k = step.kernel.clone();
+        text.push_str(&format!("# before\n{k}"));
+        schedule(&mut k, &opts);
+        text.push_str(&format!("# after\n{k}\n"));
+    }
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn microkernel_product_before_and_after_scheduling() {
+    let mut g = Graph {
+        name: "gemm".into(),
+        ..Default::default()
+    };
+    let x = g.add_value(
+        "x",
+        ValueType::fixed(DType::F32, &[7, 130]),
+        ValueDef::Input(0),
+    );
+    g.inputs.push(x);
+    let w = g.add_constant(
+        "w",
+        Constant::from_tensor(&Tensor::from_vec(
+            vec![130, 20],
+            (0..2600).map(|i| i as f32 * 0.001).collect::<Vec<f32>>(),
+        )),
+    );
+    let b = g.add_constant(
+        "b",
+        Constant::from_tensor(&Tensor::from_vec(vec![20], vec![0.5f32; 20])),
+    );
+    let y = g.add_value(
+        "y",
+        ValueType::fixed(DType::F32, &[7, 20]),
+        ValueDef::Undefined,
+    );
+    g.add_node(Node {
+        name: "gemm".into(),
+        op: Op::Gemm {
+            alpha: 0.5,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: false,
+        },
+        inputs: vec![Some(x), Some(w), Some(b)],
+        outputs: vec![y],
+    });
+    g.outputs.push(y);
+    let program = lower_with(
+        &g,
+        &LowerOptions {
+            sgemm_avx2: true,
+            ..LowerOptions::default()
+        },
+    )
+    .unwrap();
     let opts = ScheduleOptions {
         vector_lanes: 4,
         vector_jam: 2,
