@@ -90,9 +90,24 @@ fn work_of(stmts: &[Stmt]) -> usize {
         .iter()
         .map(|s| match s {
             Stmt::Loop { extent, body, .. } => extent.saturating_mul(work_of(body).max(1)),
+            Stmt::Call { kernel, args } => call_work(*kernel, args),
             _ => 1,
         })
         .sum()
+}
+
+/// The work of one microkernel call in the units of [`work_of`] (multiply-adds): a product
+/// tile's rows times columns times reduction steps (its last argument).
+fn call_work(kernel: Microkernel, args: &[CallArg]) -> usize {
+    match kernel {
+        Microkernel::SgemmAvx2 { rows, .. } => {
+            let steps = match args.last() {
+                Some(CallArg::Int(Expr::Const(Const::I64(kc)))) => (*kc).max(1) as usize,
+                _ => 1,
+            };
+            rows as usize * crate::microkernel::SGEMM_AVX2_COLUMNS * steps
+        }
+    }
 }
 
 fn devectorize(stmts: &mut [Stmt]) {
