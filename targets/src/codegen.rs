@@ -1218,9 +1218,6 @@ impl KernelGen<'_, '_> {
                 let Expr::Bin { a: x, b: y, .. } = &**prod else {
                     unreachable!("matched above")
                 };
-                if let Some(r) = self.fma_with_broadcast(x, y, acc)? {
-                    return Ok((r, true));
-                }
                 match self.vector_operands([x, y, acc], Scalar::F32)? {
                     Some([x, y, acc]) => (self.b.ins().fma(x, y, acc), true),
                     None => (self.expr_as(e, class)?, false),
@@ -1410,69 +1407,6 @@ impl KernelGen<'_, '_> {
         };
         self.b.ins().call(fref, &values);
         Ok(())
-    }
-
-    /// `acc + x * y` on x86-64 with AVX when one factor is an f32 load invariant in the
-    /// vector loop (the `A[i, k]` of a register-tiled product): that element is loaded and
-    /// broadcast once per use, as one `vbroadcastss xmm, [mem]`, and becomes the multiplicand
-    /// that `vfmadd213ps` overwrites. Sharing one broadcast between the tile's columns costs
-    /// more: a scalar load, a register shuffle, and a register copy before every FMA but the
-    /// last, since Cranelift 0.135's x86-64 FMAs all overwrite a multiplicand. `None` when
-    /// the pattern does not apply.
-    fn fma_with_broadcast(
-        &mut self,
-        x: &Expr,
-        y: &Expr,
-        acc: &Expr,
-    ) -> Result<Option<Value>, CodegenError> {
-        let var = self.vec.as_ref().map(|m| m.var).expect("vector mode");
-        let is_broadcast = |e: &Expr, k: &Kernel| match e {
-            Expr::Load { buf, index } => {
-                k.params[*buf].scalar == Scalar::F32 && linear_coeff(index, var) == Some(0)
-            }
-            _ => false,
-        };
-        if self.arch != Arch::X86_64 {
-            return Ok(None);
-        }
-        let (bcast, other) = if is_broadcast(x, self.k) {
-            (x, y)
-        } else if is_broadcast(y, self.k) {
-            (y, x)
-        } else {
-            return Ok(None);
-        };
-        let (other, other_is_vec) = self.vexpr_in(other, Scalar::F32)?;
-        let (acc, acc_is_vec) = self.vexpr_in(acc, Scalar::F32)?;
-        if !(other_is_vec || acc_is_vec) {
-            return Ok(None);
-        }
-        let other = if other_is_vec {
-            other
-        } else {
-            self.b.ins().splat(VF32, other)
-        };
-        let acc = if acc_is_vec {
-            acc
-        } else {
-            self.b.ins().splat(VF32, acc)
-        };
-        let Expr::Load { buf, index } = bcast else {
-            unreachable!("checked by is_broadcast")
-        };
-        let (addr, off) = self.address(*buf, index)?;
-        // The copies of a jammed loop read the same element; a distinct address value per
-        // copy (folded back into the displacement by instruction selection) keeps the
-        // optimizer from merging their loads.
-        let copy = self.unrolled.get(&var).map_or(0, |&(_, c)| c);
-        let (addr, off) = match i32::try_from(copy * 4) {
-            Ok(0) | Err(_) => (addr, off),
-            Ok(shift) => (self.b.ins().iadd_imm_s(addr, shift as i64), off - shift),
-        };
-        let load_flags = self.load_flags(*buf, flags());
-        let element = self.b.ins().load(types::F32, load_flags, addr, off);
-        let lanes = self.b.ins().splat(VF32, element);
-        Ok(Some(self.b.ins().fma(lanes, other, acc)))
     }
 
     /// Operands of a fused vector instruction in lane type `class`, invariant ones splatted;
