@@ -84,7 +84,11 @@ fn graph() -> Graph {
 
 #[test]
 fn kernels_before_and_after_scheduling() {
-    let program = lower(&graph()).unwrap();
+    insta::assert_snapshot!(before_and_after(&lower(&graph()).unwrap()));
+}
+
+/// Every kernel of `program` as text, before and after scheduling.
+fn before_and_after(program: &kiln_targets::lower::Program) -> String {
     let opts = ScheduleOptions {
         vector_lanes: 4,
         vector_jam: 2,
@@ -98,7 +102,7 @@ fn kernels_before_and_after_scheduling() {
         schedule(&mut k, &opts);
         text.push_str(&format!("# after\n{k}\n"));
     }
-    insta::assert_snapshot!(text);
+    text
 }
 
 #[test]
@@ -149,18 +153,5 @@ fn microkernel_product_before_and_after_scheduling() {
         },
     )
     .unwrap();
-    let opts = ScheduleOptions {
-        vector_lanes: 4,
-        vector_jam: 2,
-        unroll: 4,
-        parallel_min_work: 64,
-    };
-    let mut text = String::new();
-    for step in &program.steps {
-        let mut k = step.kernel.clone();
-        text.push_str(&format!("# before\n{k}"));
-        schedule(&mut k, &opts);
-        text.push_str(&format!("# after\n{k}\n"));
-    }
-    insta::assert_snapshot!(text);
+    insta::assert_snapshot!(before_and_after(&program));
 }

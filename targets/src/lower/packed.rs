@@ -278,30 +278,15 @@ impl Lowerer<'_> {
     ) -> R<()> {
         let mut k = Kernel::new(name);
         k.contract = true;
-        let ab = self.buffer(a)?;
-        let ap = k.param("a", Scalar::F32, self.p.buffers[ab].len, false);
-        let bp = k.param(
-            "b",
-            self.p.buffers[packed].scalar,
-            self.p.buffers[packed].len,
-            false,
-        );
-        let mut args = vec![ab, packed];
-        let c = match s.c {
-            Some((cv, strides)) => {
-                let cb = self.buffer(cv)?;
-                args.push(cb);
-                Some((
-                    k.param("c", Scalar::F32, self.p.buffers[cb].len, false),
-                    strides,
-                ))
-            }
-            None => None,
-        };
-        let out = n.outputs[0];
-        let dst = self.out_buffer(out)?;
-        args.push(dst);
-        let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
+        let (
+            ProductParams {
+                a: ap,
+                b: bp,
+                c,
+                y: yp,
+            },
+            args,
+        ) = self.product_params(&mut k, n, s, a, packed)?;
         let rows = self.opts.gemm_rows.clamp(1, s.m);
         let whole = s.m / rows;
         // Whole tiles, then one tile of the rows left over.
@@ -471,25 +456,34 @@ impl Lowerer<'_> {
     }
 }
 
+/// The parameters of a packed product's kernel: A, packed B, the Gemm's C with its strides
+/// over `[m, n]`, and Y.
+struct ProductParams {
+    a: usize,
+    b: usize,
+    c: Option<(usize, [usize; 2])>,
+    y: usize,
+}
+
 impl Lowerer<'_> {
-    /// The whole panels of a product of f32 matrices as calls of [`Microkernel::SgemmAvx2`]:
-    /// per panel (the parallel loop) and tile of up to six rows, one call per block of
-    /// [`SUM_BLOCK`] reduction steps, the first storing its sums to Y and the others adding
-    /// to them, as the Cranelift kernels flush theirs. A Gemm's alpha and C are applied to the
-    /// tile afterwards. Needs A contiguous along the reduction.
-    fn microkernel_product(
+    /// Declares the parameters of a packed product's kernel `k`; also returns the step's
+    /// buffer arguments in parameter order.
+    fn product_params(
         &mut self,
+        k: &mut Kernel,
         n: &Node,
         s: &PackedProduct,
         a: ValueId,
         packed: usize,
-        at: &Panels,
-    ) -> R<()> {
-        let mut k = Kernel::new(&n.name);
-        k.contract = true;
+    ) -> R<(ProductParams, Vec<usize>)> {
         let ab = self.buffer(a)?;
         let ap = k.param("a", Scalar::F32, self.p.buffers[ab].len, false);
-        let bp = k.param("b", Scalar::F32, self.p.buffers[packed].len, false);
+        let bp = k.param(
+            "b",
+            self.p.buffers[packed].scalar,
+            self.p.buffers[packed].len,
+            false,
+        );
         let mut args = vec![ab, packed];
         let c = match s.c {
             Some((cv, strides)) => {
@@ -505,6 +499,39 @@ impl Lowerer<'_> {
         let dst = self.out_buffer(n.outputs[0])?;
         args.push(dst);
         let yp = k.param("y", Scalar::F32, self.p.buffers[dst].len, true);
+        let params = ProductParams {
+            a: ap,
+            b: bp,
+            c,
+            y: yp,
+        };
+        Ok((params, args))
+    }
+
+    /// The whole panels of a product of f32 matrices as calls of [`Microkernel::SgemmAvx2`]:
+    /// per panel (the parallel loop) and tile of up to six rows, one call per block of
+    /// [`SUM_BLOCK`] reduction steps, the first storing its sums to Y and the others adding
+    /// to them, as the Cranelift kernels flush theirs. A Gemm's alpha and C are applied to the
+    /// tile afterwards. Needs A contiguous along the reduction.
+    fn microkernel_product(
+        &mut self,
+        n: &Node,
+        s: &PackedProduct,
+        a: ValueId,
+        packed: usize,
+        at: &Panels,
+    ) -> R<()> {
+        let mut k = Kernel::new(&n.name);
+        k.contract = true;
+        let (
+            ProductParams {
+                a: ap,
+                b: bp,
+                c,
+                y: yp,
+            },
+            args,
+        ) = self.product_params(&mut k, n, s, a, packed)?;
         let rows = SGEMM_AVX2_MAX_ROWS.min(s.m);
         let whole = s.m / rows;
         let tiles = [(0, whole, rows), (whole * rows, 1, s.m - whole * rows)];
