@@ -26,6 +26,14 @@ fn compile_tiny_llama(dir: &Path) -> PathBuf {
     so
 }
 
+/// `kiln bench SO --runs 3 --warmup 1 EXTRA...`.
+fn bench_briefly(so: &Path, extra: &[&str]) -> Output {
+    let so = so.display().to_string();
+    let mut args = vec!["bench", so.as_str(), "--runs", "3", "--warmup", "1"];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
 /// The numbers of `PREFIX median A ms, p95 B ms, min C ms, T thread(s)...`.
 fn parse_line(stdout: &str, prefix: &str) -> (f64, f64, f64, usize) {
     let line = stdout
@@ -59,16 +67,7 @@ fn model_path() -> String {
 fn bench_prints_the_kiln_line() {
     let dir = tempfile::tempdir().unwrap();
     let so = compile_tiny_llama(dir.path());
-    let r = kiln(&[
-        "bench",
-        so.to_str().unwrap(),
-        "--runs",
-        "3",
-        "--warmup",
-        "1",
-        "--threads",
-        "2",
-    ]);
+    let r = bench_briefly(&so, &["--threads", "2"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let (_, _, _, threads) = parse_line(&r.stdout, "kiln: ");
     assert_eq!(threads, 2);
@@ -86,15 +85,7 @@ fn bench_prints_the_kiln_line() {
 fn bench_memory_reports_weight_rate_against_bandwidth() {
     let dir = tempfile::tempdir().unwrap();
     let so = compile_tiny_llama(dir.path());
-    let r = kiln(&[
-        "bench",
-        so.to_str().unwrap(),
-        "--runs",
-        "3",
-        "--warmup",
-        "1",
-        "--memory",
-    ]);
+    let r = bench_briefly(&so, &["--memory"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let line = |prefix: &str| line_of(&r.stdout, prefix).to_string();
     let inspect = kiln(&["inspect", so.to_str().unwrap()]);
@@ -168,16 +159,7 @@ fn bench_reads_inputs_dir() {
     let dir = tempfile::tempdir().unwrap();
     let so = compile_tiny_llama(dir.path());
     let inputs = repo_root().join("examples/tiny_llama/test_data_set_0");
-    let r = kiln(&[
-        "bench",
-        so.to_str().unwrap(),
-        "--runs",
-        "3",
-        "--warmup",
-        "1",
-        "--inputs-dir",
-        inputs.to_str().unwrap(),
-    ]);
+    let r = bench_briefly(&so, &["--inputs-dir", inputs.to_str().unwrap()]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     parse_line(&r.stdout, "kiln: ");
 }
@@ -190,23 +172,13 @@ fn bench_with_onnx_prints_onnxruntime_and_ratio() {
         None,
         Some(repo_root().join("examples/tiny_llama/test_data_set_0")),
     ] {
-        let mut args = vec![
-            "bench".to_string(),
-            so.display().to_string(),
-            "--runs".into(),
-            "3".into(),
-            "--warmup".into(),
-            "1".into(),
-            "--threads".into(),
-            "1".into(),
-            "--onnx".into(),
-            model_path(),
-        ];
-        if let Some(d) = &inputs {
-            args.extend(["--inputs-dir".to_string(), d.display().to_string()]);
+        let model = model_path();
+        let dir = inputs.as_ref().map(|d| d.display().to_string());
+        let mut args = vec!["--threads", "1", "--onnx", model.as_str()];
+        if let Some(d) = &dir {
+            args.extend(["--inputs-dir", d.as_str()]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let r = kiln(&args);
+        let r = bench_briefly(&so, &args);
         assert_eq!(
             r.code,
             Some(0),

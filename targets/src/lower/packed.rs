@@ -278,15 +278,13 @@ impl Lowerer<'_> {
     ) -> R<()> {
         let mut k = Kernel::new(name);
         k.contract = true;
-        let (
-            ProductParams {
-                a: ap,
-                b: bp,
-                c,
-                y: yp,
-            },
-            args,
-        ) = self.product_params(&mut k, n, s, a, packed)?;
+        let (params, args) = self.product_params(&mut k, n, s, a, packed)?;
+        let ProductParams {
+            a: ap,
+            b: bp,
+            c,
+            y: yp,
+        } = params;
         let rows = self.opts.gemm_rows.clamp(1, s.m);
         let whole = s.m / rows;
         // Whole tiles, then one tile of the rows left over.
@@ -401,31 +399,11 @@ impl Lowerer<'_> {
                             })
                             .collect()
                     };
-                    // Chunks of SUM_BLOCK steps (see `blocked_sums`): the first, the middle
-                    // ones in a loop, the last (a shorter tail or the last whole block).
-                    let blocks = s.k / SUM_BLOCK;
-                    let tail = s.k % SUM_BLOCK;
-                    let chunks = blocks + usize::from(tail > 0);
-                    let first_len = if blocks > 0 { SUM_BLOCK } else { tail };
-                    let mut columns = chunk(i(0), first_len);
-                    columns.extend(flush(true, chunks == 1));
-                    if chunks > 2 {
-                        let blk = k.new_var(Scalar::I64);
-                        let from = Expr::mul(Expr::add(Expr::var(blk), i(1)), i(SUM_BLOCK));
-                        let mut middle = chunk(from, SUM_BLOCK);
-                        middle.extend(flush(false, false));
-                        columns.push(Stmt::Loop {
-                            var: blk,
-                            extent: chunks - 2,
-                            kind: LoopKind::Serial,
-                            body: middle,
-                        });
-                    }
-                    if chunks > 1 {
-                        let last_len = if tail > 0 { tail } else { SUM_BLOCK };
-                        columns.extend(chunk(i(s.k - last_len), last_len));
-                        columns.extend(flush(false, true));
-                    }
+                    let columns = over_sum_blocks(k, s.k, |from, len, first, last| {
+                        let mut block = chunk(from, len);
+                        block.extend(flush(first, last));
+                        block
+                    });
                     // Whole panels are vectorized here, one vector per four columns, so that
                     // the tile's accumulators span the panel; a narrower last panel is left
                     // to the schedule.
@@ -523,15 +501,13 @@ impl Lowerer<'_> {
     ) -> R<()> {
         let mut k = Kernel::new(&n.name);
         k.contract = true;
-        let (
-            ProductParams {
-                a: ap,
-                b: bp,
-                c,
-                y: yp,
-            },
-            args,
-        ) = self.product_params(&mut k, n, s, a, packed)?;
+        let (params, args) = self.product_params(&mut k, n, s, a, packed)?;
+        let ProductParams {
+            a: ap,
+            b: bp,
+            c,
+            y: yp,
+        } = params;
         let rows = SGEMM_AVX2_MAX_ROWS.min(s.m);
         let whole = s.m / rows;
         let tiles = [(0, whole, rows), (whole * rows, 1, s.m - whole * rows)];
@@ -573,25 +549,9 @@ impl Lowerer<'_> {
                             CallArg::Int(i(len)),
                         ],
                     };
-                    let blocks = s.k / SUM_BLOCK;
-                    let tail = s.k % SUM_BLOCK;
-                    let chunks = blocks + usize::from(tail > 0);
-                    let first_len = if blocks > 0 { SUM_BLOCK } else { tail };
-                    let mut tile = vec![call(i(0), first_len, false)];
-                    if chunks > 2 {
-                        let blk = k.new_var(Scalar::I64);
-                        let from = Expr::mul(Expr::add(Expr::var(blk), i(1)), i(SUM_BLOCK));
-                        tile.push(Stmt::Loop {
-                            var: blk,
-                            extent: chunks - 2,
-                            kind: LoopKind::Serial,
-                            body: vec![call(from, SUM_BLOCK, true)],
-                        });
-                    }
-                    if chunks > 1 {
-                        let last_len = if tail > 0 { tail } else { SUM_BLOCK };
-                        tile.push(call(i(s.k - last_len), last_len, true));
-                    }
+                    let mut tile = over_sum_blocks(k, s.k, |from, len, first, _| {
+                        vec![call(from, len, !first)]
+                    });
                     if s.alpha != 1.0 || c.is_some() {
                         let (r, j) = (k.new_var(Scalar::I64), k.new_var(Scalar::I64));
                         let at_r = Expr::add(row.clone(), Expr::var(r));
@@ -634,6 +594,37 @@ impl Lowerer<'_> {
         self.p.steps.push(super::Step { kernel: k, args });
         Ok(())
     }
+}
+
+/// The statements of a reduction over `len` steps in blocks of [`SUM_BLOCK`] (see
+/// `blocked_sums`): `block(from, steps, first, last)` for the first block, then for the
+/// middle ones inside a loop, then for the last (a shorter tail or the last whole block).
+fn over_sum_blocks(
+    k: &mut Kernel,
+    len: usize,
+    mut block: impl FnMut(Expr, usize, bool, bool) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let i = |v: usize| Expr::i64(v as i64);
+    let whole = len / SUM_BLOCK;
+    let tail = len % SUM_BLOCK;
+    let blocks = whole + usize::from(tail > 0);
+    let first_len = if whole > 0 { SUM_BLOCK } else { tail };
+    let mut stmts = block(i(0), first_len, true, blocks == 1);
+    if blocks > 2 {
+        let blk = k.new_var(Scalar::I64);
+        let from = Expr::mul(Expr::add(Expr::var(blk), i(1)), i(SUM_BLOCK));
+        stmts.push(Stmt::Loop {
+            var: blk,
+            extent: blocks - 2,
+            kind: LoopKind::Serial,
+            body: block(from, SUM_BLOCK, false, false),
+        });
+    }
+    if blocks > 1 {
+        let last_len = if tail > 0 { tail } else { SUM_BLOCK };
+        stmts.extend(block(i(len - last_len), last_len, false, true));
+    }
+    stmts
 }
 
 /// A `[k, n]` matrix stored in panels of `panel` columns (the last one narrower).
