@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--m", type=int, default=1, help="rows of x (1: a matrix-vector product)")
+    ap.add_argument("--bias", action="store_true", help="give each product a bias input")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     k, n, block = a.k, a.n, a.block
@@ -39,10 +40,15 @@ def main() -> None:
             numpy_helper.from_array(scales, f"s{c}"),
             numpy_helper.from_array(zp, f"z{c}"),
         ]
+        inputs = ["x", f"w{c}", f"s{c}", f"z{c}"]
+        if a.bias:
+            bias = rng.standard_normal((n,), dtype=np.float32)
+            inits.append(numpy_helper.from_array(bias, f"bias{c}"))
+            inputs += ["", f"bias{c}"]
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
-                ["x", f"w{c}", f"s{c}", f"z{c}"],
+                inputs,
                 [f"y{c}"],
                 domain="com.microsoft",
                 K=k,

@@ -118,10 +118,11 @@ fn emitted_onnx_runs_in_onnxruntime_and_matches_the_artifact() {
     );
 }
 
-/// The targets that run int8 products here: x86_64 natively (x86_64-v3-vnni where the host
-/// has AVX-VNNI; elsewhere the runtime must refuse it), both aarch64 profiles under qemu.
-const INT8_TARGETS: [&str; 4] = [
+/// The targets that run int8 products here: the x86-64 profiles natively (where the host has
+/// their features; elsewhere the runtime must refuse them), both aarch64 profiles under qemu.
+const INT8_TARGETS: [&str; 5] = [
     "x86_64",
+    "x86_64-v3",
     "x86_64-v3-vnni",
     "aarch64-neon",
     "aarch64-neon-dotprod",
@@ -165,10 +166,12 @@ fn disassemble(so: &Path, target: &str) -> String {
 
 /// MatMulNBits with accuracy level 4 (int8 activations) computes what onnxruntime computes:
 /// single products (so that no rounding difference upstream can move an activation across a
-/// quantization step) with one or several rows, whole and partial last blocks, and N that is
-/// or is not a multiple of the vector width (one row: spans of four, two and one column groups,
-/// and scalar columns). The models come from the benchmark's generator. Each target's kernels
-/// use its dot-product instruction.
+/// quantization step) with one or several rows, whole and partial last blocks, with and
+/// without bias, and N that is or is not a multiple of the vector width (Cranelift kernels:
+/// spans of four, two and one column groups, and scalar columns; x86-64-v3 tiles: spans of 16
+/// and 8 columns, and N = 36 falling back to the Cranelift kernels). The models come from the
+/// benchmark's generator. Each target's kernels use its dot-product instruction, and the
+/// x86-64-v3 profiles their hand-written tiles.
 #[test]
 fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,18 +190,36 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
             &["--k", "64", "--n", "10", "--m", "1", "--block", "32"],
         ),
         ("rows", &["--k", "128", "--n", "64", "--m", "8"]),
+        (
+            "bias_eight_columns",
+            &[
+                "--k", "200", "--n", "24", "--m", "2", "--block", "32", "--bias",
+            ],
+        ),
+        (
+            "bias_sixteen_columns",
+            &["--k", "256", "--n", "48", "--m", "1", "--bias"],
+        ),
         ("partial_block", &["--k", "576", "--n", "64", "--m", "3"]),
         (
             "odd_n_block32",
             &["--k", "200", "--n", "36", "--m", "2", "--block", "32"],
         ),
     ];
-    // The instruction each target's int8 product kernels must contain.
-    let dot_instruction = [
-        ("x86_64", "pmaddubsw"),
-        ("x86_64-v3-vnni", "vpdpbusd"),
-        ("aarch64-neon", "smull"),
-        ("aarch64-neon-dotprod", "sdot"),
+    // What each target's int8 product kernels must contain: the dot-product instruction and,
+    // on x86-64-v3, the tile.
+    let dot_instruction: [(&str, &[&str]); 5] = [
+        ("x86_64", &["pmaddubsw"]),
+        (
+            "x86_64-v3",
+            &["vpmaddubsw", "<kiln_uk_q4i8_madd_16c_2x16w_f32>:"],
+        ),
+        (
+            "x86_64-v3-vnni",
+            &["vpdpbusd", "<kiln_uk_q4i8_vnni_16c_2x16w_f32>:"],
+        ),
+        ("aarch64-neon", &["smull"]),
+        ("aarch64-neon-dotprod", &["sdot"]),
     ];
     for (name, args) in cases {
         let case = dir.path().join(name);
@@ -238,11 +259,11 @@ fn int8_activation_products_match_onnxruntime_accuracy_level_4() {
             ]);
             assert_eq!(r.code, Some(0), "{}", r.stderr);
             if *name == "matvec" {
-                let (_, instruction) = dot_instruction.iter().find(|(t, _)| *t == target).unwrap();
-                assert!(
-                    disassemble(&so, target).contains(instruction),
-                    "{target}: no {instruction} in the int8 product kernels"
-                );
+                let (_, wanted) = dot_instruction.iter().find(|(t, _)| *t == target).unwrap();
+                let code = disassemble(&so, target);
+                for w in *wanted {
+                    assert!(code.contains(w), "{target}: no {w} in the int8 products");
+                }
             }
             let Some(got) = run_int8_target(&so, target, &inputs, &expected) else {
                 continue;

@@ -164,8 +164,8 @@ fn target_arch_and_features(
 ) -> Result<(&'static str, &'static [&'static str]), Incompatible> {
     Ok(match target {
         "x86_64" => ("x86_64", &[]),
-        "x86_64-v3" => ("x86_64", &["avx", "avx2", "fma"]),
-        "x86_64-v3-vnni" => ("x86_64", &["avx", "avx2", "fma", "avxvnni"]),
+        "x86_64-v3" => ("x86_64", &["avx", "avx2", "fma", "f16c"]),
+        "x86_64-v3-vnni" => ("x86_64", &["avx", "avx2", "fma", "f16c", "avxvnni"]),
         "aarch64-neon" => ("aarch64", &["neon"]),
         "aarch64-neon-dotprod" => ("aarch64", &["neon", "dotprod"]),
         "aarch64-sve" => ("aarch64", &["sve"]),
@@ -264,7 +264,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            let v3 = has!("avx") && has!("avx2") && has!("fma");
+            let v3 = has!("avx") && has!("avx2") && has!("fma") && has!("f16c");
             let profiles = [
                 ("x86_64", true),
                 ("x86_64-v3", v3),

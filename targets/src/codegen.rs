@@ -1894,10 +1894,16 @@ pub fn generate(
     }
     let mut microkernels = std::collections::HashMap::new();
     for uk in used {
-        if arch != Arch::X86_64 || !fma {
+        let features = uk.required_features();
+        if arch != Arch::X86_64
+            || !features
+                .iter()
+                .all(|f| target.required_features.contains(f))
+        {
             return Err(CodegenError::Isa(format!(
-                "{} needs x86-64 with AVX2 and FMA, not {}",
+                "{} needs x86-64 with {}, not {}",
                 uk.name(),
+                features.join(", "),
                 target.name
             )));
         }

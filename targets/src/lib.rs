@@ -60,15 +60,15 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "x86_64-v3",
         isa: Isa::X86_64,
-        required_features: &["sse4.1", "avx", "avx2", "fma"],
+        required_features: &["sse4.1", "avx", "avx2", "fma", "f16c"],
         vectors: Vectors::Fixed(128),
         description:
-            "x86-64-v3 host (AVX2, FMA): 128-bit vectors, VEX encoding, fused multiply-add",
+            "x86-64-v3 host (AVX2, FMA, F16C): 128-bit vectors, VEX encoding, fused multiply-add",
     },
     Target {
         name: "x86_64-v3-vnni",
         isa: Isa::X86_64,
-        required_features: &["sse4.1", "avx", "avx2", "fma", "avxvnni"],
+        required_features: &["sse4.1", "avx", "avx2", "fma", "f16c", "avxvnni"],
         vectors: Vectors::Fixed(128),
         description: "x86-64-v3 with AVX-VNNI (Intel Alder Lake and later, AMD Zen 5): \
                       vpdpbusd for int8 kernels",

@@ -4,8 +4,10 @@
 //! vectorized) and a Softmax (its reductions stay scalar: they carry a value between
 //! iterations). With the AVX2 microkernel (x86_64-v3 targets), a Gemm against a constant
 //! becomes calls of 6- and 1-row tiles over 16-column panels in blocks of 64 reduction steps,
-//! then its alpha and bias, and a 4-column tail panel in loop IR. The numerics of scheduled code are checked end to end by tests/codegen_e2e.rs
-//! and the host conformance run.
+//! then its alpha and bias, and a 4-column tail panel in loop IR. A MatMulNBits with int8
+//! activations on x86_64-v3-vnni becomes the activation quantizing kernel and calls of the
+//! hand-written 16-column tile. The numerics of scheduled code are checked end to end by
+//! tests/codegen_e2e.rs, tests/quantize_e2e.rs and the host conformance run.
 
 use kiln_compiler::dtype::DType;
 use kiln_compiler::ir::{
@@ -149,6 +151,98 @@ fn microkernel_product_before_and_after_scheduling() {
         &g,
         &LowerOptions {
             sgemm_avx2: true,
+            ..LowerOptions::default()
+        },
+    )
+    .unwrap();
+    insta::assert_snapshot!(before_and_after(&program));
+}
+
+/// A MatMulNBits with int8 activations (K = 80 in blocks of 32: two whole blocks and a
+/// 16-row tail; N = 16; two rows) on x86_64-v3-vnni: the activation quantizing kernel, then
+/// per span of 16 columns (the parallel loop) and row, one call of the VNNI tile, and the
+/// bias added after it.
+#[test]
+fn q4_int8_tile_before_and_after_scheduling() {
+    let (k, n, block) = (80usize, 16usize, 32usize);
+    let blocks = k.div_ceil(block);
+    let mut g = Graph {
+        name: "q4".into(),
+        ..Default::default()
+    };
+    let x = g.add_value(
+        "x",
+        ValueType::fixed(DType::F32, &[2, k]),
+        ValueDef::Input(0),
+    );
+    g.inputs.push(x);
+    let constant = |g: &mut Graph, name: &str, t: Tensor| {
+        g.add_constant(name, Constant::from_tensor(&t))
+    };
+    let w = constant(
+        &mut g,
+        "w",
+        Tensor::from_vec(
+            vec![n, blocks, block / 2],
+            (0..n * blocks * block / 2)
+                .map(|i| (i * 37 % 256) as u8)
+                .collect::<Vec<u8>>(),
+        ),
+    );
+    let scales = constant(
+        &mut g,
+        "scales",
+        Tensor::from_vec(
+            vec![n * blocks],
+            (0..n * blocks).map(|i| 0.01 + i as f32 * 1e-3).collect(),
+        ),
+    );
+    let zero_points = constant(
+        &mut g,
+        "zero_points",
+        Tensor::from_vec(
+            vec![n * blocks.div_ceil(2)],
+            (0..n * blocks.div_ceil(2))
+                .map(|i| (i * 11 % 256) as u8)
+                .collect::<Vec<u8>>(),
+        ),
+    );
+    let bias = constant(
+        &mut g,
+        "bias",
+        Tensor::from_vec(vec![n], vec![0.25f32; n]),
+    );
+    let y = g.add_value(
+        "y",
+        ValueType::fixed(DType::F32, &[2, n]),
+        ValueDef::Undefined,
+    );
+    g.add_node(Node {
+        name: "q4".into(),
+        op: Op::MatMulNBits {
+            k,
+            n,
+            bits: 4,
+            block_size: block,
+            accuracy_level: 4,
+        },
+        inputs: vec![
+            Some(x),
+            Some(w),
+            Some(scales),
+            Some(zero_points),
+            None,
+            Some(bias),
+        ],
+        outputs: vec![y],
+    });
+    g.outputs.push(y);
+    let program = lower_with(
+        &g,
+        &LowerOptions {
+            sgemm_avx2: true,
+            q4_int8_avx2: true,
+            avx_vnni: true,
             ..LowerOptions::default()
         },
     )

@@ -7,6 +7,7 @@ mod conv;
 mod packed;
 mod quant;
 mod quant_int8;
+mod quant_int8_tile;
 mod scan;
 
 use crate::loop_ir::*;

@@ -26,6 +26,11 @@ pub struct LowerOptions {
     /// Whether products of f32 matrices use [`Microkernel::SgemmAvx2`] tiles (x86-64 with
     /// AVX2 and FMA): B is packed in panels of [`SGEMM_AVX2_COLUMNS`] columns instead.
     pub sgemm_avx2: bool,
+    /// Whether MatMulNBits with int8 activations use [`Microkernel::Q4Int8Avx2`] tiles
+    /// (x86-64 with AVX2 and F16C) where N is a multiple of 8 and the zero points are bytes.
+    pub q4_int8_avx2: bool,
+    /// Whether those tiles use `vpdpbusd` (AVX-VNNI).
+    pub avx_vnni: bool,
 }
 
 impl Default for LowerOptions {
@@ -36,6 +41,8 @@ impl Default for LowerOptions {
             gemm_rows: 4,
             gemm_panel: 8,
             sgemm_avx2: false,
+            q4_int8_avx2: false,
+            avx_vnni: false,
         }
     }
 }
@@ -48,15 +55,17 @@ impl LowerOptions {
             crate::Isa::Aarch64 => LowerOptions {
                 gemm_rows: 8,
                 gemm_panel: 8,
-                sgemm_avx2: false,
+                ..LowerOptions::default()
             },
             crate::Isa::X86_64
-                if ["avx2", "fma"]
+                if ["avx2", "fma", "f16c"]
                     .iter()
                     .all(|f| target.required_features.contains(f)) =>
             {
                 LowerOptions {
                     sgemm_avx2: true,
+                    q4_int8_avx2: true,
+                    avx_vnni: target.required_features.contains(&"avxvnni"),
                     ..LowerOptions::default()
                 }
             }

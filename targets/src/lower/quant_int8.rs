@@ -30,7 +30,7 @@ const ROWS_PER_WORD: usize = 8;
 /// Copies of each word of four activation codes, side by side (one per vector lane), so the
 /// product kernel loads the word as it is dotted against four columns instead of broadcasting
 /// it (three instructions on x86-64).
-const ACT_COPIES: usize = 4;
+pub(super) const ACT_COPIES: usize = 4;
 
 impl Lowerer<'_> {
     /// MatMulNBits with 4-bit weights and int8 activations (K and the block size multiples of
@@ -47,6 +47,9 @@ impl Lowerer<'_> {
         let nblk = kk.div_ceil(block);
         let (full_blocks, tail) = (kk / block, kk % block);
         let ops = self.nbits_operands(n, nn, nblk, 4, block)?;
+        if let Some(tile) = self.q4_int8_tile(kk, nn, block, &ops) {
+            return self.matmul_nbits_int8_tile(n, a, m, kk, nn, block, &ops, tile);
+        }
         // Columns per group: the vector lanes, or 1 (scalar code) when N is not a multiple.
         // `groups` column groups share each iteration (and each activation broadcast): four
         // for a single row of A (the matrix-vector product, bound by streaming the weights),
@@ -324,7 +327,7 @@ impl Lowerer<'_> {
     /// The buffers of A (buffer `a`, `m` rows of `kk`) quantized per block to int8 codes,
     /// block scales and block code sums: made by a new quantizing kernel the first time,
     /// shared by every later product of the same input and block size.
-    fn quantized_input(
+    pub(super) fn quantized_input(
         &mut self,
         name: &str,
         a: usize,
