@@ -1,14 +1,19 @@
 //! Hand-scheduled leaf kernels that Cranelift cannot express well, emitted as machine code by
-//! a small encoder of our own. Today one family: the x86-64 AVX2+FMA single-precision tile of
-//! the packed matrix products ([`Microkernel::SgemmAvx2`]). Cranelift 0.135 has no 256-bit
-//! vectors and only the FMA forms that overwrite a multiplicand, so its product loop needs a
-//! register copy per FMA and reaches about 60% of the 128-bit peak; this tile keeps twelve
-//! 256-bit accumulators and uses `vfmadd231ps`, which accumulates in place. The loop IR calls
-//! a microkernel through [`crate::loop_ir::Stmt::Call`]; the code generator adds each one used
-//! to the artifact once, as a leaf function with the System V calling convention that uses
-//! only argument and scratch registers (no stack, no relocations). The encoder covers exactly
-//! the instruction forms the kernels use; its unit tests pin every form's bytes (checked
-//! against `objdump`).
+//! a small encoder of our own. Two families, both x86-64 with 256-bit AVX2 registers:
+//! - the single-precision tile of the packed matrix products ([`Microkernel::SgemmAvx2`]).
+//!   Cranelift 0.135 has no 256-bit vectors and only the FMA forms that overwrite a
+//!   multiplicand, so its product loop needs a register copy per FMA and reaches about 60% of
+//!   the 128-bit peak; this tile keeps twelve 256-bit accumulators and uses `vfmadd231ps`,
+//!   which accumulates in place;
+//! - the 4-bit-weight by int8-activation tile of MatMulNBits ([`Q4Int8Tile`]): 256-bit
+//!   nibble masks and `vpdpbusd` or `vpmaddubsw`, and software prefetch, which Cranelift
+//!   does not offer either.
+//!
+//! The loop IR calls a microkernel through [`crate::loop_ir::Stmt::Call`]; the code generator
+//! adds each one used to the artifact once, as a leaf function with the System V calling
+//! convention that uses only argument and scratch registers (no stack, no relocations). The
+//! encoder covers exactly the instruction forms the kernels use; its unit tests pin every
+//! form's bytes (checked against `objdump`).
 
 use crate::loop_ir::Microkernel;
 
@@ -570,6 +575,7 @@ fn q4_unroll(words: usize) -> usize {
 /// high nibbles stay in place, so their sums are 16 x the dot (exact; shifted back once per
 /// block) and each word costs four instructions per vector; without VNNI they are shifted
 /// down, multiplied to i16 pairs, and summed in i16 for up to four words before widening.
+/// For every 64 bytes of weights there is one `prefetcht0` [`Q4_PREFETCH_AHEAD`] bytes ahead.
 ///
 /// Registers: rdi, rsi, rdx, rcx, r8 are the arguments; rdi, rsi, rdx and rcx advance
 /// through their streams, r11 and rax through the scales and the zero points; r9 counts

@@ -176,9 +176,8 @@ fn q4_int8_tile_before_and_after_scheduling() {
         ValueDef::Input(0),
     );
     g.inputs.push(x);
-    let constant = |g: &mut Graph, name: &str, t: Tensor| {
-        g.add_constant(name, Constant::from_tensor(&t))
-    };
+    let constant =
+        |g: &mut Graph, name: &str, t: Tensor| g.add_constant(name, Constant::from_tensor(&t));
     let w = constant(
         &mut g,
         "w",
@@ -207,11 +206,7 @@ fn q4_int8_tile_before_and_after_scheduling() {
                 .collect::<Vec<u8>>(),
         ),
     );
-    let bias = constant(
-        &mut g,
-        "bias",
-        Tensor::from_vec(vec![n], vec![0.25f32; n]),
-    );
+    let bias = constant(&mut g, "bias", Tensor::from_vec(vec![n], vec![0.25f32; n]));
     let y = g.add_value(
         "y",
         ValueType::fixed(DType::F32, &[2, n]),

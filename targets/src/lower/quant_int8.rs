@@ -48,7 +48,7 @@ impl Lowerer<'_> {
         let (full_blocks, tail) = (kk / block, kk % block);
         let ops = self.nbits_operands(n, nn, nblk, 4, block)?;
         if let Some(tile) = self.q4_int8_tile(kk, nn, block, &ops) {
-            return self.matmul_nbits_int8_tile(n, a, m, kk, nn, block, &ops, tile);
+            return self.matmul_nbits_int8_tile(n, a, m, nn, &ops, tile);
         }
         // Columns per group: the vector lanes, or 1 (scalar code) when N is not a multiple.
         // `groups` column groups share each iteration (and each activation broadcast): four

@@ -2,10 +2,11 @@
 //! [`Microkernel::Q4Int8Avx2`] (x86-64-v3 targets, N a multiple of 8, byte zero points). The
 //! weights are repacked at compile time into one stream per span of 8 or 16 columns: per
 //! block, the weight words of the span's columns side by side, then the block's scales and
-//! zero points (the layout of [`Q4Int8Tile`]). A thread thus reads each span front to back. The kernel loops over spans (the parallel loop) and rows
-//! of A; each call leaves one row's sums for the span's columns in Y, and the bias is added
-//! after it. The activations come from the same quantizing kernel as the Cranelift path's
-//! ([`Lowerer::quantized_input`]), so the arithmetic is the same, bit for bit.
+//! zero points (the layout of [`Q4Int8Tile`]), so a thread reads each span front to back.
+//! The kernel loops over spans (the parallel loop) and rows of A; each call leaves one row's
+//! sums for the span's columns in Y, and the bias is added after it. The activations come
+//! from the same quantizing kernel as the Cranelift path's ([`Lowerer::quantized_input`]),
+//! so the arithmetic is the same, bit for bit.
 
 use super::quant::NBitsOperands;
 use super::quant_int8::ACT_COPIES;
@@ -42,21 +43,19 @@ impl Lowerer<'_> {
         })
     }
 
-    /// MatMulNBits `n` (A in value `a`, `m` rows of K = `kk`; N = `nn`; blocks of `block`
-    /// rows) as calls of `tile`.
-    #[allow(clippy::too_many_arguments)]
+    /// MatMulNBits `n` (A in value `a`, `m` rows; N = `nn`; K and the block size as in
+    /// `tile`) as calls of `tile`.
     pub(super) fn matmul_nbits_int8_tile(
         &mut self,
         n: &Node,
         a: ValueId,
         m: usize,
-        kk: usize,
         nn: usize,
-        block: usize,
         ops: &NBitsOperands,
         tile: Q4Int8Tile,
     ) -> R<()> {
-        let nblk = kk.div_ceil(block);
+        let (kk, block) = (tile.depth(), tile.block_words as usize * Q4_ROWS_PER_WORD);
+        let nblk = tile.all_blocks();
         let cols = tile.columns();
         let spans = nn / cols;
         let span_bytes = tile.span_bytes();
@@ -91,7 +90,7 @@ impl Lowerer<'_> {
                         .clone()
                         .map(|col| ops.zero_points[col * nblk + g] as u8),
                 );
-                data.resize(record + tile.record_bytes(words), 0);
+                debug_assert_eq!(data.len() - record, tile.record_bytes(words));
             }
         }
         debug_assert_eq!(data.len(), spans * span_bytes);
