@@ -22,7 +22,7 @@
 use super::quant::{block_scale, block_zero_point, blocks_then_tail};
 use super::{BufKind, Buffer, Lowerer, Step, R};
 use crate::loop_ir::*;
-use kiln_compiler::ir::Node;
+use kiln_compiler::ir::{Node, ValueId};
 
 /// Rows of K per 32-bit weight word (two nibbles in each of its four bytes).
 const ROWS_PER_WORD: usize = 8;
@@ -138,13 +138,8 @@ impl Lowerer<'_> {
             nn * nblk,
             zp_bytes,
         );
-        let ab = self.buffer(a)?;
-        let [qa, qa_scales, qa_sums] = self.quantized_input(&n.name, ab, m, kk, block);
-        let bias = self.nbits_bias(n, nn)?;
-        let dst = self.out_buffer(n.outputs[0])?;
-        if self.p.buffers[dst].len != m * nn {
-            return Err("output size is not M x N".into());
-        }
+        let ([qa, qa_scales, qa_sums], bias, dst) =
+            self.int8_product_buffers(n, a, m, kk, nn, block)?;
 
         let mut k = Kernel::new(&n.name);
         let mut args = vec![qa, wb, sb, zb, qa_scales, qa_sums];
@@ -324,10 +319,32 @@ impl Lowerer<'_> {
         Ok(())
     }
 
+    /// The buffers an int8 product of node `n` uses besides its weights: A (value `a`, `m`
+    /// rows of `kk`) quantized per block of `block` (codes, scales, sums), the bias if any,
+    /// and the output, checked to be `m` x `nn`.
+    pub(super) fn int8_product_buffers(
+        &mut self,
+        n: &Node,
+        a: ValueId,
+        m: usize,
+        kk: usize,
+        nn: usize,
+        block: usize,
+    ) -> R<([usize; 3], Option<usize>, usize)> {
+        let ab = self.buffer(a)?;
+        let quantized = self.quantized_input(&n.name, ab, m, kk, block);
+        let bias = self.nbits_bias(n, nn)?;
+        let dst = self.out_buffer(n.outputs[0])?;
+        if self.p.buffers[dst].len != m * nn {
+            return Err("output size is not M x N".into());
+        }
+        Ok((quantized, bias, dst))
+    }
+
     /// The buffers of A (buffer `a`, `m` rows of `kk`) quantized per block to int8 codes,
     /// block scales and block code sums: made by a new quantizing kernel the first time,
     /// shared by every later product of the same input and block size.
-    pub(super) fn quantized_input(
+    fn quantized_input(
         &mut self,
         name: &str,
         a: usize,

@@ -5,7 +5,7 @@
 //! zero points (the layout of [`Q4Int8Tile`]), so a thread reads each span front to back.
 //! The kernel loops over spans (the parallel loop) and rows of A; each call leaves one row's
 //! sums for the span's columns in Y, and the bias is added after it. The activations come
-//! from the same quantizing kernel as the Cranelift path's ([`Lowerer::quantized_input`]),
+//! from the same quantizing kernel as the Cranelift path's ([`Lowerer::int8_product_buffers`]),
 //! so the arithmetic is the same, bit for bit.
 
 use super::quant::NBitsOperands;
@@ -96,13 +96,8 @@ impl Lowerer<'_> {
         debug_assert_eq!(data.len(), spans * span_bytes);
         let len = data.len();
         let wb = self.weight_buffer(format!("{}.tiles", n.name), Scalar::U8, len, data);
-        let ab = self.buffer(a)?;
-        let [qa, qa_scales, qa_sums] = self.quantized_input(&n.name, ab, m, kk, block);
-        let bias = self.nbits_bias(n, nn)?;
-        let dst = self.out_buffer(n.outputs[0])?;
-        if self.p.buffers[dst].len != m * nn {
-            return Err("output size is not M x N".into());
-        }
+        let ([qa, qa_scales, qa_sums], bias, dst) =
+            self.int8_product_buffers(n, a, m, kk, nn, block)?;
 
         let mut k = Kernel::new(&n.name);
         let mut args = vec![wb, qa, qa_scales, qa_sums];
