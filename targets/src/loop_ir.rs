@@ -297,10 +297,10 @@ pub enum Microkernel {
     /// 6) rows of A times one packed 16-column panel of B over `kc` reduction steps, stored
     /// to Y or, with `accumulate`, added to it.
     SgemmAvx2 { rows: u8, accumulate: bool },
-    /// x86-64 with AVX2 and F16C (and AVX-VNNI when the tile says so): `(data, a_codes,
-    /// a_scales, a_sums, y)`, one row of int8 activations times one span of 4-bit weight
-    /// columns of a MatMulNBits, stored to Y.
-    Q4Int8Avx2(crate::microkernel::Q4Int8Tile),
+    /// x86-64 (SSE4.1, or AVX2 with F16C, or also AVX-VNNI, as the tile says): `(data,
+    /// a_codes, a_scales, a_sums, y)`, one row of int8 activations times one span of 4-bit
+    /// weight columns of a MatMulNBits, stored to Y.
+    Q4Int8(crate::microkernel::Q4Int8Tile),
 }
 
 impl Microkernel {
@@ -311,9 +311,9 @@ impl Microkernel {
                 "kiln_uk_sgemm_avx2_{rows}x16{}",
                 if *accumulate { "_acc" } else { "" }
             ),
-            Microkernel::Q4Int8Avx2(t) => format!(
+            Microkernel::Q4Int8(t) => format!(
                 "kiln_uk_q4i8_{}_{}c_{}x{}w{}_{}",
-                if t.vnni { "vnni" } else { "madd" },
+                t.dot.name(),
                 t.columns(),
                 t.blocks,
                 t.block_words,
@@ -331,12 +331,16 @@ impl Microkernel {
     pub fn required_features(&self) -> &'static [&'static str] {
         match self {
             Microkernel::SgemmAvx2 { .. } => &["avx2", "fma"],
-            Microkernel::Q4Int8Avx2(t) => match (t.vnni, t.half_scales) {
-                (true, true) => &["avx2", "avxvnni", "f16c"],
-                (true, false) => &["avx2", "avxvnni"],
-                (false, true) => &["avx2", "f16c"],
-                (false, false) => &["avx2"],
-            },
+            Microkernel::Q4Int8(t) => {
+                use crate::microkernel::Q4Dot;
+                match (t.dot, t.half_scales) {
+                    (Q4Dot::Sse, _) => &["sse4.1"],
+                    (Q4Dot::Avx2, true) => &["avx2", "f16c"],
+                    (Q4Dot::Avx2, false) => &["avx2"],
+                    (Q4Dot::AvxVnni, true) => &["avx2", "avxvnni", "f16c"],
+                    (Q4Dot::AvxVnni, false) => &["avx2", "avxvnni"],
+                }
+            }
         }
     }
 }

@@ -28,18 +28,16 @@ pub const SGEMM_AVX2_MAX_ROWS: usize = 6;
 pub fn code(k: Microkernel) -> Vec<u8> {
     match k {
         Microkernel::SgemmAvx2 { rows, accumulate } => sgemm_avx2(rows as usize, accumulate),
-        Microkernel::Q4Int8Avx2(tile) => q4_int8_avx2(&tile),
+        Microkernel::Q4Int8(tile) => q4_int8(&tile),
     }
 }
 
-/// Columns of 4-bit weights per 256-bit vector of a [`Q4Int8Tile`] (one 32-bit word each).
-pub const Q4_COLUMNS_PER_VECTOR: usize = 8;
 /// Rows of K per 32-bit weight word of a [`Q4Int8Tile`]: byte `b` of word `o` holds row
 /// `8o + b` in its low nibble and row `8o + 4 + b` in its high one.
 pub const Q4_ROWS_PER_WORD: usize = 8;
 
 /// One row of A (int8 codes per block, with block scales and code sums) times one span of
-/// `8 * vectors` columns of 4-bit weights, for a MatMulNBits with int8 activations: for each
+/// [`Q4Int8Tile::columns`] columns of 4-bit weights, for a MatMulNBits with int8 activations: for each
 /// column `y = sum over blocks of (dot - zp * a_sum) * (scale * a_scale)`, the integer dot
 /// exact and the float steps in the order of `kiln_compiler::ir::int8_activations`. A span's
 /// constants are one stream of [`Q4Int8Tile::span_bytes`] bytes, a record per block: the
@@ -49,9 +47,9 @@ pub const Q4_ROWS_PER_WORD: usize = 8;
 /// their own, the single-thread mat-vec ran at half the speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Q4Int8Tile {
-    /// `vpdpbusd` (AVX-VNNI), else `vpmaddubsw` + `vpmaddwd`.
-    pub vnni: bool,
-    /// 256-bit vectors of columns: 1 or 2.
+    /// The vector registers and the dot-product instructions.
+    pub dot: Q4Dot,
+    /// Vectors of columns: 1 or 2 (256-bit), 2 (128-bit).
     pub vectors: u8,
     /// Weight words per column in a whole block (the block size / 8).
     pub block_words: u16,
@@ -59,14 +57,45 @@ pub struct Q4Int8Tile {
     pub blocks: u16,
     /// Weight words per column in the last, shorter block (0 when there is none).
     pub tail_words: u16,
-    /// Scales stored as f16 (converted with F16C), else f32.
+    /// Scales stored as f16 (converted with F16C, or by shifts and a multiply on SSE), else
+    /// f32.
     pub half_scales: bool,
 }
 
+/// The instruction set of a [`Q4Int8Tile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Q4Dot {
+    /// 128-bit SSE4.1 registers, `pmaddubsw` + `pmaddwd` (the `x86_64` target).
+    Sse,
+    /// 256-bit AVX2 registers, `vpmaddubsw` + `vpmaddwd` (x86_64-v3).
+    Avx2,
+    /// 256-bit AVX2 registers, `vpdpbusd` (x86_64-v3-vnni).
+    AvxVnni,
+}
+
+impl Q4Dot {
+    /// Bytes per vector register.
+    pub fn vector_bytes(self) -> usize {
+        match self {
+            Q4Dot::Sse => 16,
+            Q4Dot::Avx2 | Q4Dot::AvxVnni => 32,
+        }
+    }
+
+    /// The name in symbols ("sse", "madd", "vnni").
+    pub fn name(self) -> &'static str {
+        match self {
+            Q4Dot::Sse => "sse",
+            Q4Dot::Avx2 => "madd",
+            Q4Dot::AvxVnni => "vnni",
+        }
+    }
+}
+
 impl Q4Int8Tile {
-    /// Columns in the span.
+    /// Columns in the span (one 32-bit weight word each per vector lane).
     pub fn columns(&self) -> usize {
-        Q4_COLUMNS_PER_VECTOR * self.vectors as usize
+        self.dot.vector_bytes() / 4 * self.vectors as usize
     }
 
     /// Bytes of one scale.
@@ -434,6 +463,104 @@ impl Asm {
     fn ret(&mut self) {
         self.code.push(0xC3);
     }
+
+    /// A legacy SSE instruction: `[prefix] [REX] 0F [38] opcode reg, rm`.
+    fn sse(&mut self, prefix: Option<u8>, map38: bool, opcode: u8, reg: u8, rm: Rm) {
+        self.code.extend(prefix);
+        let (x, b) = Self::rm_ext(&rm);
+        let r = reg >> 3;
+        if r | x | b != 0 {
+            self.code.push(0x40 | (r << 2) | (x << 1) | b);
+        }
+        self.code.push(0x0F);
+        if map38 {
+            self.code.push(0x38);
+        }
+        self.code.push(opcode);
+        self.modrm(reg, &rm);
+    }
+
+    /// `op dst, src` with the 66 prefix (SSE2 integer forms), register operands.
+    fn sse66(&mut self, opcode: u8, dst: u8, src: u8) {
+        self.sse(Some(0x66), false, opcode, dst, Rm::Reg(src));
+    }
+
+    /// `op dst, src` without prefix (packed single forms), register operands.
+    fn sse_ps(&mut self, opcode: u8, dst: u8, src: u8) {
+        self.sse(None, false, opcode, dst, Rm::Reg(src));
+    }
+
+    fn movdqu_load(&mut self, dst: u8, src: Mem) {
+        self.sse(Some(0xF3), false, 0x6F, dst, Rm::Mem(src));
+    }
+
+    fn movups_load(&mut self, dst: u8, src: Mem) {
+        self.sse(None, false, 0x10, dst, Rm::Mem(src));
+    }
+
+    fn movups_store(&mut self, dst: Mem, src: u8) {
+        self.sse(None, false, 0x11, src, Rm::Mem(dst));
+    }
+
+    fn movss_load(&mut self, dst: u8, src: Mem) {
+        self.sse(Some(0xF3), false, 0x10, dst, Rm::Mem(src));
+    }
+
+    /// `dst = src`, all 128 bits.
+    fn movdqa(&mut self, dst: u8, src: u8) {
+        self.sse66(0x6F, dst, src);
+    }
+
+    /// Copies lane 0 of `dst` to every lane.
+    fn splat_lane0_ps(&mut self, dst: u8) {
+        self.sse(None, false, 0xC6, dst, Rm::Reg(dst));
+        self.code.push(0);
+    }
+
+    /// A 128-bit shift by an immediate: `opcode /ext dst, imm`.
+    fn sse_shift_imm(&mut self, opcode: u8, ext: u8, dst: u8, imm: u8) {
+        self.sse(Some(0x66), false, opcode, ext, Rm::Reg(dst));
+        self.code.push(imm);
+    }
+
+    fn pmaddubsw(&mut self, dst: u8, src: u8) {
+        self.sse(Some(0x66), true, 0x04, dst, Rm::Reg(src));
+    }
+
+    fn pmovzxbd(&mut self, dst: u8, src: Mem) {
+        self.sse(Some(0x66), true, 0x31, dst, Rm::Mem(src));
+    }
+
+    fn pmovzxwd(&mut self, dst: u8, src: Mem) {
+        self.sse(Some(0x66), true, 0x33, dst, Rm::Mem(src));
+    }
+
+    /// Sets every 32-bit lane of xmm `dst` to `value` (through eax; `movd`, `pshufd`).
+    fn sse_splat_u32(&mut self, dst: u8, value: u32) {
+        self.mov_imm32(Gpr::Rax, value);
+        self.sse(Some(0x66), false, 0x6E, dst, Rm::Reg(Gpr::Rax as u8));
+        self.sse66(0x70, dst, dst);
+        self.code.push(0);
+    }
+}
+
+/// Opcodes (after 0F, with the 66 prefix for integers) shared by the legacy SSE forms and
+/// their VEX counterparts.
+mod op {
+    pub const PAND: u8 = 0xDB;
+    pub const POR: u8 = 0xEB;
+    pub const PXOR: u8 = 0xEF;
+    pub const PADDW: u8 = 0xFD;
+    pub const PADDD: u8 = 0xFE;
+    pub const PMADDWD: u8 = 0xF5;
+    pub const CVTDQ2PS: u8 = 0x5B;
+    pub const MULPS: u8 = 0x59;
+    pub const SUBPS: u8 = 0x5C;
+    pub const ADDPS: u8 = 0x58;
+    pub const XORPS: u8 = 0x57;
+    /// Shifts by an immediate: 16-bit lanes (`/2` right logical), 32-bit lanes (`/6` left).
+    pub const SHIFT_W: u8 = 0x71;
+    pub const SHIFT_D: u8 = 0x72;
 }
 
 /// `fn(a, lda_bytes, b, y, ldy_bytes, kc)` (System V): for `r < rows` and `c < 16`,
@@ -512,7 +639,7 @@ const Q4_PREFETCH_AHEAD: i32 = 8192;
 /// [`Q4Int8Tile`] (each word is stored four times, as the Cranelift kernels load it).
 pub const Q4_ACT_WORD_BYTES: usize = 16;
 
-/// Registers of [`q4_int8_avx2`] for a span of `n` vectors.
+/// Registers of [`q4_int8`] for a span of `n` vectors (ymm with AVX2, xmm with SSE).
 struct Q4Regs {
     n: u8,
 }
@@ -549,7 +676,7 @@ impl Q4Regs {
     fn t1(&self) -> u8 {
         3 * self.n + 5
     }
-    /// i16 ones (`vpmaddwd` widening, without VNNI).
+    /// i16 ones (`pmaddwd` widening, without VNNI).
     fn ones(&self) -> u8 {
         3 * self.n + 6
     }
@@ -565,32 +692,56 @@ fn q4_unroll(words: usize) -> usize {
 }
 
 /// `fn(data, a_codes, a_scales, a_sums, y)` (System V): the [`Q4Int8Tile`] product of one
-/// row of A and one span, stored to `y[0 .. 8 * vectors]`. `data` is the span's stream,
+/// row of A and one span, stored to `y[0 .. columns]`. `data` is the span's stream,
 /// `a_codes` the row's activation words ([`Q4_ACT_WORD_BYTES`] apart, the low four rows of
 /// weight word `o` at word `2o`, the high four at `2o + 1`), `a_scales` and `a_sums` the
 /// row's f32 block tables.
 ///
-/// Per weight word and vector: the low nibbles (`vpand` with 0x0F from memory) and the high
-/// ones (`vpand` with 0xF0) are dotted with the broadcast activation words. With VNNI the
-/// high nibbles stay in place, so their sums are 16 x the dot (exact; shifted back once per
-/// block) and each word costs four instructions per vector; without VNNI they are shifted
-/// down, multiplied to i16 pairs, and summed in i16 for up to four words before widening.
-/// For every 64 bytes of weights there is one `prefetcht0` [`Q4_PREFETCH_AHEAD`] bytes ahead.
+/// Per weight word and vector: the low nibbles (masked with 0x0F) and the high ones are
+/// dotted with the activation words (broadcast from memory with AVX2; SSE loads the four
+/// stored copies). With VNNI the high nibbles stay in place (`vpand` with 0xF0), so their
+/// sums are 16 x the dot (exact; shifted back once per block) and each word costs four
+/// instructions per vector; otherwise they are shifted down, multiplied to i16 pairs, and
+/// summed in i16 for up to four words before widening. For every 64 bytes of weights there
+/// is one `prefetcht0` [`Q4_PREFETCH_AHEAD`] bytes ahead.
 ///
 /// Registers: rdi, rsi, rdx, rcx, r8 are the arguments; rdi, rsi, rdx and rcx advance
-/// through their streams, r11 and rax through the scales and the zero points; r9 counts
-/// blocks, r10 loop iterations; ymm as in [`Q4Regs`].
-fn q4_int8_avx2(t: &Q4Int8Tile) -> Vec<u8> {
+/// through their streams; r9 counts blocks, r10 loop iterations, eax builds constants;
+/// vector registers as in [`Q4Regs`].
+fn q4_int8(t: &Q4Int8Tile) -> Vec<u8> {
     debug_assert!((1..=2).contains(&t.vectors));
     let r = Q4Regs { n: t.vectors };
+    let sse = t.dot == Q4Dot::Sse;
     let mut s = Asm::default();
     for v in 0..r.n {
-        s.vxorps(r.total(v), r.total(v), r.total(v));
+        if sse {
+            s.sse_ps(op::XORPS, r.total(v), r.total(v));
+        } else {
+            s.vxorps(r.total(v), r.total(v), r.total(v));
+        }
     }
-    s.splat_u32(r.low_mask(), 0x0F0F_0F0F);
-    s.splat_u32(r.high_mask(), 0xF0F0_F0F0);
-    if !t.vnni {
-        s.splat_u32(r.ones(), 0x0001_0001);
+    let splat = |s: &mut Asm, reg: u8, value: u32| {
+        if sse {
+            s.sse_splat_u32(reg, value)
+        } else {
+            s.splat_u32(reg, value)
+        }
+    };
+    splat(&mut s, r.low_mask(), 0x0F0F_0F0F);
+    match t.dot {
+        Q4Dot::AvxVnni => splat(&mut s, r.high_mask(), 0xF0F0_F0F0),
+        Q4Dot::Avx2 => {
+            splat(&mut s, r.high_mask(), 0xF0F0_F0F0);
+            splat(&mut s, r.ones(), 0x0001_0001);
+        }
+        Q4Dot::Sse => {
+            splat(&mut s, r.ones(), 0x0001_0001);
+            if t.half_scales {
+                splat(&mut s, r.high_mask(), 0x7FFF);
+                splat(&mut s, SSE_F16_SIGN, 0x8000);
+                splat(&mut s, SSE_F16_REBIAS, 0x7780_0000);
+            }
+        }
     }
     if t.blocks > 0 {
         s.mov_imm32(Gpr::R9, t.blocks as u32);
@@ -602,22 +753,41 @@ fn q4_int8_avx2(t: &Q4Int8Tile) -> Vec<u8> {
     if t.tail_words > 0 {
         q4_block(&mut s, t, &r, t.tail_words as usize);
     }
+    let vector_bytes = t.dot.vector_bytes() as i32;
     for v in 0..r.n {
-        s.vmovups_store(mem(Gpr::R8, None, 32 * v as i32), r.total(v));
+        let at = mem(Gpr::R8, None, vector_bytes * v as i32);
+        if sse {
+            s.movups_store(at, r.total(v));
+        } else {
+            s.vmovups_store(at, r.total(v));
+        }
     }
-    s.vzeroupper();
+    if !sse {
+        s.vzeroupper();
+    }
     s.ret();
     s.code
 }
+
+/// SSE registers of the f16 scale conversion (with the 0x7FFF mask in
+/// [`Q4Regs::high_mask`]): the sign mask, 2^112 (the exponent rebias, as f32) and a
+/// temporary.
+const SSE_F16_SIGN: u8 = 13;
+const SSE_F16_REBIAS: u8 = 14;
+const SSE_F16_TEMP: u8 = 15;
 
 /// One block of `words` weight words per column: the integer sums, then the block's
 /// correction and scales added to the totals; the streams advance past the block.
 fn q4_block(s: &mut Asm, t: &Q4Int8Tile, r: &Q4Regs, words: usize) {
     let (data, act, a_scales, a_sums) = (Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx);
-    let n = r.n;
+    let (n, sse, vnni) = (r.n, t.dot == Q4Dot::Sse, t.dot == Q4Dot::AvxVnni);
     for v in 0..n {
-        s.vpxor(r.sum(v), r.sum(v), r.sum(v));
-        if t.vnni {
+        if sse {
+            s.sse66(op::PXOR, r.sum(v), r.sum(v));
+        } else {
+            s.vpxor(r.sum(v), r.sum(v), r.sum(v));
+        }
+        if vnni {
             s.vpxor(r.partial(v), r.partial(v), r.partial(v));
         }
     }
@@ -628,41 +798,73 @@ fn q4_block(s: &mut Asm, t: &Q4Int8Tile, r: &Q4Regs, words: usize) {
     }
     let top = s.code.len();
     let word_bytes = 4 * t.columns() as i32;
+    let vector_bytes = t.dot.vector_bytes() as i32;
     for j in 0..unroll as i32 {
         let from = word_bytes * j;
         for line in (from..from + word_bytes).filter(|b| b % 64 == 0) {
             s.prefetch_t0(mem(data, None, line + Q4_PREFETCH_AHEAD));
         }
-        let act_at = 2 * Q4_ACT_WORD_BYTES as i32 * j;
-        s.vpbroadcastd(r.act_low(), Rm::Mem(mem(act, None, act_at)));
-        s.vpbroadcastd(
-            r.act_high(),
-            Rm::Mem(mem(act, None, act_at + Q4_ACT_WORD_BYTES as i32)),
-        );
+        let act_low = mem(act, None, 2 * Q4_ACT_WORD_BYTES as i32 * j);
+        let act_high = mem(act, None, act_low.disp + Q4_ACT_WORD_BYTES as i32);
+        if sse {
+            s.movdqu_load(r.act_low(), act_low);
+            s.movdqu_load(r.act_high(), act_high);
+        } else {
+            s.vpbroadcastd(r.act_low(), Rm::Mem(act_low));
+            s.vpbroadcastd(r.act_high(), Rm::Mem(act_high));
+        }
         for v in 0..n {
-            let w = Rm::Mem(mem(data, None, word_bytes * j + 32 * v as i32));
-            s.vpand(r.t0(), r.low_mask(), w);
-            s.vpand(r.t1(), r.high_mask(), w);
-            if t.vnni {
-                s.vpdpbusd(r.sum(v), r.t0(), r.act_low());
-                s.vpdpbusd(r.partial(v), r.t1(), r.act_high());
-            } else {
-                s.vpsrlw(r.t1(), r.t1(), 4);
-                s.vpmaddubsw(r.t0(), r.t0(), r.act_low());
-                s.vpmaddubsw(r.t1(), r.t1(), r.act_high());
-                if j == 0 {
-                    s.vpaddw(r.partial(v), r.t0(), r.t1());
-                } else {
-                    s.vpaddw(r.partial(v), r.partial(v), r.t0());
-                    s.vpaddw(r.partial(v), r.partial(v), r.t1());
+            let w = mem(data, None, from + vector_bytes * v as i32);
+            let (t0, t1, p) = (r.t0(), r.t1(), r.partial(v));
+            match t.dot {
+                Q4Dot::AvxVnni => {
+                    s.vpand(t0, r.low_mask(), Rm::Mem(w));
+                    s.vpand(t1, r.high_mask(), Rm::Mem(w));
+                    s.vpdpbusd(r.sum(v), t0, r.act_low());
+                    s.vpdpbusd(p, t1, r.act_high());
+                }
+                Q4Dot::Avx2 => {
+                    s.vpand(t0, r.low_mask(), Rm::Mem(w));
+                    s.vpand(t1, r.high_mask(), Rm::Mem(w));
+                    s.vpsrlw(t1, t1, 4);
+                    s.vpmaddubsw(t0, t0, r.act_low());
+                    s.vpmaddubsw(t1, t1, r.act_high());
+                    if j == 0 {
+                        s.vpaddw(p, t0, t1);
+                    } else {
+                        s.vpaddw(p, p, t0);
+                        s.vpaddw(p, p, t1);
+                    }
+                }
+                Q4Dot::Sse => {
+                    s.movdqu_load(t0, w);
+                    s.movdqa(t1, t0);
+                    s.sse_shift_imm(op::SHIFT_W, 2, t1, 4);
+                    s.sse66(op::PAND, t0, r.low_mask());
+                    s.sse66(op::PAND, t1, r.low_mask());
+                    s.pmaddubsw(t0, r.act_low());
+                    s.pmaddubsw(t1, r.act_high());
+                    s.sse66(op::PADDW, t0, t1);
+                    if j == 0 {
+                        s.movdqa(p, t0);
+                    } else {
+                        s.sse66(op::PADDW, p, t0);
+                    }
                 }
             }
         }
     }
-    if !t.vnni {
-        for v in 0..n {
-            s.vpmaddwd(r.t0(), r.partial(v), r.ones());
-            s.vpaddd(r.sum(v), r.sum(v), r.t0());
+    for v in 0..n {
+        match t.dot {
+            Q4Dot::AvxVnni => {}
+            Q4Dot::Avx2 => {
+                s.vpmaddwd(r.t0(), r.partial(v), r.ones());
+                s.vpaddd(r.sum(v), r.sum(v), r.t0());
+            }
+            Q4Dot::Sse => {
+                s.sse66(op::PMADDWD, r.partial(v), r.ones());
+                s.sse66(op::PADDD, r.sum(v), r.partial(v));
+            }
         }
     }
     s.add_imm(act, 2 * Q4_ACT_WORD_BYTES as i32 * unroll as i32);
@@ -673,32 +875,71 @@ fn q4_block(s: &mut Asm, t: &Q4Int8Tile, r: &Q4Regs, words: usize) {
     }
     // (dot - zp * a_sum) * (scale * a_scale), added to the totals; `data` is at the tables.
     let zero_points_at = (t.columns() * t.scale_bytes()) as i32;
-    s.vbroadcastss(r.act_low(), mem(a_sums, None, 0));
-    s.vbroadcastss(r.act_high(), mem(a_scales, None, 0));
-    for v in 0..n {
-        let sum = r.sum(v);
-        if t.vnni {
-            s.vpsrad(r.partial(v), r.partial(v), 4);
-            s.vpaddd(sum, sum, r.partial(v));
+    let lanes = vector_bytes / 4;
+    if sse {
+        block_tables_sse(s, t, r, zero_points_at);
+    } else {
+        s.vbroadcastss(r.act_low(), mem(a_sums, None, 0));
+        s.vbroadcastss(r.act_high(), mem(a_scales, None, 0));
+        for v in 0..n {
+            let sum = r.sum(v);
+            if vnni {
+                s.vpsrad(r.partial(v), r.partial(v), 4);
+                s.vpaddd(sum, sum, r.partial(v));
+            }
+            s.vcvtdq2ps(sum, sum);
+            s.vpmovzxbd(r.t0(), mem(data, None, zero_points_at + lanes * v as i32));
+            s.vcvtdq2ps(r.t0(), r.t0());
+            s.vmulps(r.t0(), r.t0(), r.act_low());
+            s.vsubps(sum, sum, r.t0());
+            if t.half_scales {
+                s.vcvtph2ps(r.t1(), mem(data, None, 2 * lanes * v as i32));
+            } else {
+                s.vmovups_load(r.t1(), mem(data, None, 4 * lanes * v as i32));
+            }
+            s.vmulps(r.t1(), r.t1(), r.act_high());
+            s.vmulps(sum, sum, r.t1());
+            s.vaddps(r.total(v), r.total(v), sum);
         }
-        s.vcvtdq2ps(sum, sum);
-        s.vpmovzxbd(r.t0(), mem(data, None, zero_points_at + 8 * v as i32));
-        s.vcvtdq2ps(r.t0(), r.t0());
-        s.vmulps(r.t0(), r.t0(), r.act_low());
-        s.vsubps(sum, sum, r.t0());
-        if t.half_scales {
-            s.vcvtph2ps(r.t1(), mem(data, None, 16 * v as i32));
-        } else {
-            s.vmovups_load(r.t1(), mem(data, None, 32 * v as i32));
-        }
-        s.vmulps(r.t1(), r.t1(), r.act_high());
-        s.vmulps(sum, sum, r.t1());
-        s.vaddps(r.total(v), r.total(v), sum);
     }
     let tables = t.record_bytes(words) - words * word_bytes as usize;
     s.add_imm(data, tables as i32);
     s.add_imm8(a_scales, 4);
     s.add_imm8(a_sums, 4);
+}
+
+/// The float steps of a block on SSE (see [`q4_block`]): f16 scales are widened exactly by
+/// moving their magnitude into f32 position and multiplying by 2^112, as the Cranelift
+/// kernels do (the lowering keeps scales with infinities or NaNs off this tile).
+fn block_tables_sse(s: &mut Asm, t: &Q4Int8Tile, r: &Q4Regs, zero_points_at: i32) {
+    let (data, a_scales, a_sums) = (Gpr::Rdi, Gpr::Rdx, Gpr::Rcx);
+    s.movss_load(r.act_low(), mem(a_sums, None, 0));
+    s.splat_lane0_ps(r.act_low());
+    s.movss_load(r.act_high(), mem(a_scales, None, 0));
+    s.splat_lane0_ps(r.act_high());
+    for v in 0..r.n {
+        let (sum, t0, t1) = (r.sum(v), r.t0(), r.t1());
+        s.sse_ps(op::CVTDQ2PS, sum, sum);
+        s.pmovzxbd(t0, mem(data, None, zero_points_at + 4 * v as i32));
+        s.sse_ps(op::CVTDQ2PS, t0, t0);
+        s.sse_ps(op::MULPS, t0, r.act_low());
+        s.sse_ps(op::SUBPS, sum, t0);
+        if t.half_scales {
+            s.pmovzxwd(t1, mem(data, None, 8 * v as i32));
+            s.movdqa(SSE_F16_TEMP, t1);
+            s.sse66(op::PAND, t1, r.high_mask());
+            s.sse_shift_imm(op::SHIFT_D, 6, t1, 13);
+            s.sse66(op::PAND, SSE_F16_TEMP, SSE_F16_SIGN);
+            s.sse_shift_imm(op::SHIFT_D, 6, SSE_F16_TEMP, 16);
+            s.sse66(op::POR, t1, SSE_F16_TEMP);
+            s.sse_ps(op::MULPS, t1, SSE_F16_REBIAS);
+        } else {
+            s.movups_load(t1, mem(data, None, 16 * v as i32));
+        }
+        s.sse_ps(op::MULPS, t1, r.act_high());
+        s.sse_ps(op::MULPS, sum, t1);
+        s.sse_ps(op::ADDPS, r.total(v), sum);
+    }
 }
 
 #[cfg(test)]
@@ -774,6 +1015,139 @@ mod tests {
                 "vzeroupper",
                 Box::new(|s| s.vzeroupper()),
                 &[0xc5, 0xf8, 0x77],
+            ),
+            (
+                "movdqu 0x20(%rdi),%xmm10",
+                Box::new(|s| s.movdqu_load(10, mem(Gpr::Rdi, None, 32))),
+                &[0xf3, 0x44, 0x0f, 0x6f, 0x57, 0x20],
+            ),
+            (
+                "movdqu 0x10(%rsi),%xmm9",
+                Box::new(|s| s.movdqu_load(9, mem(Gpr::Rsi, None, 16))),
+                &[0xf3, 0x44, 0x0f, 0x6f, 0x4e, 0x10],
+            ),
+            (
+                "movdqa %xmm10,%xmm11",
+                Box::new(|s| s.movdqa(11, 10)),
+                &[0x66, 0x45, 0x0f, 0x6f, 0xda],
+            ),
+            (
+                "movdqa %xmm1,%xmm15",
+                Box::new(|s| s.movdqa(15, 1)),
+                &[0x66, 0x44, 0x0f, 0x6f, 0xf9],
+            ),
+            (
+                "psrlw $0x4,%xmm11",
+                Box::new(|s| s.sse_shift_imm(op::SHIFT_W, 2, 11, 4)),
+                &[0x66, 0x41, 0x0f, 0x71, 0xd3, 0x04],
+            ),
+            (
+                "pslld $0xd,%xmm11",
+                Box::new(|s| s.sse_shift_imm(op::SHIFT_D, 6, 11, 13)),
+                &[0x66, 0x41, 0x0f, 0x72, 0xf3, 0x0d],
+            ),
+            (
+                "pand %xmm6,%xmm10",
+                Box::new(|s| s.sse66(op::PAND, 10, 6)),
+                &[0x66, 0x44, 0x0f, 0xdb, 0xd6],
+            ),
+            (
+                "por %xmm15,%xmm11",
+                Box::new(|s| s.sse66(op::POR, 11, 15)),
+                &[0x66, 0x45, 0x0f, 0xeb, 0xdf],
+            ),
+            (
+                "pxor %xmm1,%xmm1",
+                Box::new(|s| s.sse66(op::PXOR, 1, 1)),
+                &[0x66, 0x0f, 0xef, 0xc9],
+            ),
+            (
+                "pmaddubsw %xmm8,%xmm10",
+                Box::new(|s| s.pmaddubsw(10, 8)),
+                &[0x66, 0x45, 0x0f, 0x38, 0x04, 0xd0],
+            ),
+            (
+                "paddw %xmm10,%xmm2",
+                Box::new(|s| s.sse66(op::PADDW, 2, 10)),
+                &[0x66, 0x41, 0x0f, 0xfd, 0xd2],
+            ),
+            (
+                "pmaddwd %xmm12,%xmm2",
+                Box::new(|s| s.sse66(op::PMADDWD, 2, 12)),
+                &[0x66, 0x41, 0x0f, 0xf5, 0xd4],
+            ),
+            (
+                "paddd %xmm2,%xmm0",
+                Box::new(|s| s.sse66(op::PADDD, 0, 2)),
+                &[0x66, 0x0f, 0xfe, 0xc2],
+            ),
+            (
+                "pmovzxbd 0x24(%rdi),%xmm10",
+                Box::new(|s| s.pmovzxbd(10, mem(Gpr::Rdi, None, 0x24))),
+                &[0x66, 0x44, 0x0f, 0x38, 0x31, 0x57, 0x24],
+            ),
+            (
+                "pmovzxwd 0x8(%rdi),%xmm11",
+                Box::new(|s| s.pmovzxwd(11, mem(Gpr::Rdi, None, 8))),
+                &[0x66, 0x44, 0x0f, 0x38, 0x33, 0x5f, 0x08],
+            ),
+            (
+                "cvtdq2ps %xmm0,%xmm0",
+                Box::new(|s| s.sse_ps(op::CVTDQ2PS, 0, 0)),
+                &[0x0f, 0x5b, 0xc0],
+            ),
+            (
+                "mulps %xmm14,%xmm11",
+                Box::new(|s| s.sse_ps(op::MULPS, 11, 14)),
+                &[0x45, 0x0f, 0x59, 0xde],
+            ),
+            (
+                "subps %xmm10,%xmm0",
+                Box::new(|s| s.sse_ps(op::SUBPS, 0, 10)),
+                &[0x41, 0x0f, 0x5c, 0xc2],
+            ),
+            (
+                "addps %xmm0,%xmm4",
+                Box::new(|s| s.sse_ps(op::ADDPS, 4, 0)),
+                &[0x0f, 0x58, 0xe0],
+            ),
+            (
+                "xorps %xmm5,%xmm5",
+                Box::new(|s| s.sse_ps(op::XORPS, 5, 5)),
+                &[0x0f, 0x57, 0xed],
+            ),
+            (
+                "movups 0x10(%rdi),%xmm11",
+                Box::new(|s| s.movups_load(11, mem(Gpr::Rdi, None, 16))),
+                &[0x44, 0x0f, 0x10, 0x5f, 0x10],
+            ),
+            (
+                "movups %xmm5,0x10(%r8)",
+                Box::new(|s| s.movups_store(mem(Gpr::R8, None, 16), 5)),
+                &[0x41, 0x0f, 0x11, 0x68, 0x10],
+            ),
+            (
+                "movss (%rcx),%xmm8",
+                Box::new(|s| s.movss_load(8, mem(Gpr::Rcx, None, 0))),
+                &[0xf3, 0x44, 0x0f, 0x10, 0x01],
+            ),
+            (
+                "shufps $0x0,%xmm8,%xmm8",
+                Box::new(|s| s.splat_lane0_ps(8)),
+                &[0x45, 0x0f, 0xc6, 0xc0, 0x00],
+            ),
+            (
+                "movd %eax,%xmm12",
+                Box::new(|s| s.sse(Some(0x66), false, 0x6E, 12, Rm::Reg(Gpr::Rax as u8))),
+                &[0x66, 0x44, 0x0f, 0x6e, 0xe0],
+            ),
+            (
+                "pshufd $0x0,%xmm12,%xmm12",
+                Box::new(|s| {
+                    s.sse66(0x70, 12, 12);
+                    s.code.push(0);
+                }),
+                &[0x66, 0x45, 0x0f, 0x70, 0xe4, 0x00],
             ),
             (
                 "vpand (%rdi),%ymm6,%ymm10",

@@ -100,7 +100,7 @@ fn work_of(stmts: &[Stmt]) -> usize {
 /// tile's rows times columns times reduction steps (its last argument).
 fn call_work(kernel: Microkernel, args: &[CallArg]) -> usize {
     match kernel {
-        Microkernel::Q4Int8Avx2(t) => t.columns() * t.depth(),
+        Microkernel::Q4Int8(t) => t.columns() * t.depth(),
         Microkernel::SgemmAvx2 { rows, .. } => {
             let steps = match args.last() {
                 Some(CallArg::Int(Expr::Const(Const::I64(kc)))) => (*kc).max(1) as usize,

@@ -236,8 +236,7 @@ fn q4_int8_tile_before_and_after_scheduling() {
         &g,
         &LowerOptions {
             sgemm_avx2: true,
-            q4_int8_avx2: true,
-            avx_vnni: true,
+            q4_int8_tile: Some(kiln_targets::microkernel::Q4Dot::AvxVnni),
             ..LowerOptions::default()
         },
     )

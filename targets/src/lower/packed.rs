@@ -13,7 +13,7 @@
 use super::quant::{self, reads_as_b};
 use super::{Lowerer, R, SUM_BLOCK};
 use crate::loop_ir::*;
-use crate::microkernel::{SGEMM_AVX2_COLUMNS, SGEMM_AVX2_MAX_ROWS};
+use crate::microkernel::{Q4Dot, SGEMM_AVX2_COLUMNS, SGEMM_AVX2_MAX_ROWS};
 use kiln_compiler::ir::{Node, NodeId, Op, ValueId};
 
 /// Register tile of the packed matrix kernels, chosen per target (see [`crate::compile`]).
@@ -26,11 +26,9 @@ pub struct LowerOptions {
     /// Whether products of f32 matrices use [`Microkernel::SgemmAvx2`] tiles (x86-64 with
     /// AVX2 and FMA): B is packed in panels of [`SGEMM_AVX2_COLUMNS`] columns instead.
     pub sgemm_avx2: bool,
-    /// Whether MatMulNBits with int8 activations use [`Microkernel::Q4Int8Avx2`] tiles
-    /// (x86-64 with AVX2 and F16C) where N is a multiple of 8 and the zero points are bytes.
-    pub q4_int8_avx2: bool,
-    /// Whether those tiles use `vpdpbusd` (AVX-VNNI).
-    pub avx_vnni: bool,
+    /// The instructions of the [`Microkernel::Q4Int8`] tiles that MatMulNBits with int8
+    /// activations use (x86-64) where N is a multiple of 8 and the zero points are bytes.
+    pub q4_int8_tile: Option<Q4Dot>,
 }
 
 impl Default for LowerOptions {
@@ -41,8 +39,7 @@ impl Default for LowerOptions {
             gemm_rows: 4,
             gemm_panel: 8,
             sgemm_avx2: false,
-            q4_int8_avx2: false,
-            avx_vnni: false,
+            q4_int8_tile: None,
         }
     }
 }
@@ -64,11 +61,18 @@ impl LowerOptions {
             {
                 LowerOptions {
                     sgemm_avx2: true,
-                    q4_int8_avx2: true,
-                    avx_vnni: target.required_features.contains(&"avxvnni"),
+                    q4_int8_tile: Some(if target.required_features.contains(&"avxvnni") {
+                        Q4Dot::AvxVnni
+                    } else {
+                        Q4Dot::Avx2
+                    }),
                     ..LowerOptions::default()
                 }
             }
+            crate::Isa::X86_64 => LowerOptions {
+                q4_int8_tile: Some(Q4Dot::Sse),
+                ..LowerOptions::default()
+            },
             _ => LowerOptions::default(),
         }
     }

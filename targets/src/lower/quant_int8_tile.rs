@@ -1,6 +1,7 @@
-//! Lowering of MatMulNBits with int8 activations to calls of the hand-written AVX2 tile
-//! [`Microkernel::Q4Int8Avx2`] (x86-64-v3 targets, N a multiple of 8, byte zero points). The
-//! weights are repacked at compile time into one stream per span of 8 or 16 columns: per
+//! Lowering of MatMulNBits with int8 activations to calls of the hand-written tile
+//! [`Microkernel::Q4Int8`] (x86-64 targets: SSE, AVX2 or AVX-VNNI; N a multiple of 8, byte
+//! zero points). The weights are repacked at compile time into one stream per span of 8 or
+//! 16 columns: per
 //! block, the weight words of the span's columns side by side, then the block's scales and
 //! zero points (the layout of [`Q4Int8Tile`]), so a thread reads each span front to back.
 //! The kernel loops over spans (the parallel loop) and rows of A; each call leaves one row's
@@ -12,7 +13,7 @@ use super::quant::NBitsOperands;
 use super::quant_int8::ACT_COPIES;
 use super::{Lowerer, Step, R};
 use crate::loop_ir::*;
-use crate::microkernel::{Q4Int8Tile, Q4_ACT_WORD_BYTES, Q4_ROWS_PER_WORD};
+use crate::microkernel::{Q4Dot, Q4Int8Tile, Q4_ACT_WORD_BYTES, Q4_ROWS_PER_WORD};
 use kiln_compiler::ir::{Node, ValueId};
 
 const _: () = assert!(ACT_COPIES * 4 == Q4_ACT_WORD_BYTES);
@@ -27,15 +28,22 @@ impl Lowerer<'_> {
         block: usize,
         ops: &NBitsOperands,
     ) -> Option<Q4Int8Tile> {
-        if !self.opts.q4_int8_avx2
-            || !nn.is_multiple_of(8)
-            || !super::quant::byte_zero_points(&ops.zero_points)
-        {
+        let dot = self.opts.q4_int8_tile?;
+        if !nn.is_multiple_of(8) || !super::quant::byte_zero_points(&ops.zero_points) {
+            return None;
+        }
+        // The SSE tile widens f16 scales by shifts, which do not carry infinities and NaNs.
+        if dot == Q4Dot::Sse && ops.half_scales && super::quant::has_f16_specials(&ops.scale_bits) {
             return None;
         }
         Some(Q4Int8Tile {
-            vnni: self.opts.avx_vnni,
-            vectors: if nn.is_multiple_of(16) { 2 } else { 1 },
+            dot,
+            // 16 columns in two ymm registers where N allows; SSE always has 8 in two xmm.
+            vectors: if dot == Q4Dot::Sse || nn.is_multiple_of(16) {
+                2
+            } else {
+                1
+            },
             block_words: u16::try_from(block / Q4_ROWS_PER_WORD).ok()?,
             blocks: u16::try_from(kk / block).ok()?,
             tail_words: u16::try_from(kk % block / Q4_ROWS_PER_WORD).ok()?,
@@ -122,7 +130,7 @@ impl Lowerer<'_> {
                 index: Expr::mul(row.clone(), i(nblk)),
             };
             let mut body = vec![Stmt::Call {
-                kernel: Microkernel::Q4Int8Avx2(tile),
+                kernel: Microkernel::Q4Int8(tile),
                 args: vec![
                     CallArg::Addr {
                         buf: dp,
