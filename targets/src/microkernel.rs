@@ -1,13 +1,13 @@
 //! Hand-scheduled leaf kernels that Cranelift cannot express well, emitted as machine code by
-//! a small encoder of our own. Two families, both x86-64 with 256-bit AVX2 registers:
+//! a small encoder of our own. Two families, both x86-64:
 //! - the single-precision tile of the packed matrix products ([`Microkernel::SgemmAvx2`]).
 //!   Cranelift 0.135 has no 256-bit vectors and only the FMA forms that overwrite a
 //!   multiplicand, so its product loop needs a register copy per FMA and reaches about 60% of
 //!   the 128-bit peak; this tile keeps twelve 256-bit accumulators and uses `vfmadd231ps`,
 //!   which accumulates in place;
 //! - the 4-bit-weight by int8-activation tile of MatMulNBits ([`Q4Int8Tile`]): 256-bit
-//!   nibble masks and `vpdpbusd` or `vpmaddubsw`, and software prefetch, which Cranelift
-//!   does not offer either.
+//!   nibble masks and `vpdpbusd` or `vpmaddubsw` with AVX2, the same with 128-bit legacy SSE
+//!   encodings on the baseline target, and software prefetch, which Cranelift does not offer.
 //!
 //! The loop IR calls a microkernel through [`crate::loop_ir::Stmt::Call`]; the code generator
 //! adds each one used to the artifact once, as a leaf function with the System V calling
