@@ -454,7 +454,7 @@ impl KernelGen<'_, '_> {
             return Vec::new();
         }
         let mut assigned = std::collections::HashSet::new();
-        collect_assigned(body, &mut assigned);
+        assigned_vars(body, &mut assigned);
         let jammed = self.jammed_base();
         // A jammed vector loop's variable without a known base (none is emitted yet) moves.
         let unknown_jam = self
@@ -1540,7 +1540,7 @@ impl KernelGen<'_, '_> {
     /// Vector locals for one copy of a vectorized loop body.
     fn vector_locals(&mut self, body: &[Stmt]) -> std::collections::HashMap<VarId, Variable> {
         let mut locals = std::collections::HashSet::new();
-        collect_assigned(body, &mut locals);
+        assigned_vars(body, &mut locals);
         let zero = self.fconst(0.0);
         let zero_f = self.b.ins().splat(VF32, zero);
         let zero = self.b.ins().iconst(types::I32, 0);
@@ -1762,18 +1762,6 @@ fn collect_microkernels(stmts: &[Stmt], out: &mut std::collections::BTreeSet<Mic
             }
             Stmt::Loop { body, .. } => collect_microkernels(body, out),
             Stmt::Store { .. } | Stmt::Assign { .. } => {}
-        }
-    }
-}
-
-fn collect_assigned(stmts: &[Stmt], out: &mut std::collections::HashSet<VarId>) {
-    for s in stmts {
-        match s {
-            Stmt::Assign { var, .. } => {
-                out.insert(*var);
-            }
-            Stmt::Loop { body, .. } => collect_assigned(body, out),
-            Stmt::Store { .. } | Stmt::Call { .. } => {}
         }
     }
 }

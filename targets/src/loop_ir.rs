@@ -616,6 +616,19 @@ impl fmt::Display for Expr {
     }
 }
 
+/// Adds to `out` every local assigned anywhere in `stmts`.
+pub fn assigned_vars(stmts: &[Stmt], out: &mut std::collections::HashSet<VarId>) {
+    for s in stmts {
+        match s {
+            Stmt::Assign { var, .. } => {
+                out.insert(*var);
+            }
+            Stmt::Loop { body, .. } => assigned_vars(body, out),
+            Stmt::Store { .. } | Stmt::Call { .. } => {}
+        }
+    }
+}
+
 fn write_stmts(f: &mut fmt::Formatter<'_>, stmts: &[Stmt], depth: usize) -> fmt::Result {
     let pad = "  ".repeat(depth);
     for s in stmts {

@@ -124,14 +124,20 @@ impl Q4Int8Tile {
         words * 4 * self.columns() + self.columns() * (self.scale_bytes() + 1)
     }
 
+    /// Weight words per column of block `g` (the last one may be shorter).
+    pub fn block_words_at(&self, g: usize) -> usize {
+        if g < self.blocks as usize {
+            self.block_words as usize
+        } else {
+            self.tail_words as usize
+        }
+    }
+
     /// Bytes of a span's stream.
     pub fn span_bytes(&self) -> usize {
-        let tail = if self.tail_words > 0 {
-            self.record_bytes(self.tail_words as usize)
-        } else {
-            0
-        };
-        self.blocks as usize * self.record_bytes(self.block_words as usize) + tail
+        (0..self.all_blocks())
+            .map(|g| self.record_bytes(self.block_words_at(g)))
+            .sum()
     }
 
     /// Rows of K.
@@ -728,20 +734,16 @@ fn q4_int8(t: &Q4Int8Tile) -> Vec<u8> {
         }
     };
     splat(&mut s, r.low_mask(), 0x0F0F_0F0F);
-    match t.dot {
-        Q4Dot::AvxVnni => splat(&mut s, r.high_mask(), 0xF0F0_F0F0),
-        Q4Dot::Avx2 => {
-            splat(&mut s, r.high_mask(), 0xF0F0_F0F0);
-            splat(&mut s, r.ones(), 0x0001_0001);
-        }
-        Q4Dot::Sse => {
-            splat(&mut s, r.ones(), 0x0001_0001);
-            if t.half_scales {
-                splat(&mut s, r.high_mask(), 0x7FFF);
-                splat(&mut s, SSE_F16_SIGN, 0x8000);
-                splat(&mut s, SSE_F16_REBIAS, 0x7780_0000);
-            }
-        }
+    if !sse {
+        splat(&mut s, r.high_mask(), 0xF0F0_F0F0);
+    }
+    if t.dot != Q4Dot::AvxVnni {
+        splat(&mut s, r.ones(), 0x0001_0001);
+    }
+    if sse && t.half_scales {
+        splat(&mut s, r.high_mask(), 0x7FFF);
+        splat(&mut s, SSE_F16_SIGN, 0x8000);
+        splat(&mut s, SSE_F16_REBIAS, 0x7780_0000);
     }
     if t.blocks > 0 {
         s.mov_imm32(Gpr::R9, t.blocks as u32);
@@ -816,16 +818,16 @@ fn q4_block(s: &mut Asm, t: &Q4Int8Tile, r: &Q4Regs, words: usize) {
         for v in 0..n {
             let w = mem(data, None, from + vector_bytes * v as i32);
             let (t0, t1, p) = (r.t0(), r.t1(), r.partial(v));
+            if !sse {
+                s.vpand(t0, r.low_mask(), Rm::Mem(w));
+                s.vpand(t1, r.high_mask(), Rm::Mem(w));
+            }
             match t.dot {
                 Q4Dot::AvxVnni => {
-                    s.vpand(t0, r.low_mask(), Rm::Mem(w));
-                    s.vpand(t1, r.high_mask(), Rm::Mem(w));
                     s.vpdpbusd(r.sum(v), t0, r.act_low());
                     s.vpdpbusd(p, t1, r.act_high());
                 }
                 Q4Dot::Avx2 => {
-                    s.vpand(t0, r.low_mask(), Rm::Mem(w));
-                    s.vpand(t1, r.high_mask(), Rm::Mem(w));
                     s.vpsrlw(t1, t1, 4);
                     s.vpmaddubsw(t0, t0, r.act_low());
                     s.vpmaddubsw(t1, t1, r.act_high());

@@ -175,26 +175,13 @@ fn unroll_innermost(stmts: &mut [Stmt], factor: usize) {
     }
 }
 
-/// Variables assigned anywhere in `stmts`.
-fn assigned(stmts: &[Stmt], out: &mut HashSet<VarId>) {
-    for s in stmts {
-        match s {
-            Stmt::Assign { var, .. } => {
-                out.insert(*var);
-            }
-            Stmt::Loop { body, .. } => assigned(body, out),
-            Stmt::Store { .. } | Stmt::Call { .. } => {}
-        }
-    }
-}
-
 /// Whether the loop over `v` with this body can run several iterations at once: every local
 /// assigned in it is f32 or i32 and written before it is read in each iteration (no loop-carried
 /// value), every load and store is f32 and either invariant in `v` or contiguous in it (stores
 /// must be contiguous), and values use only operations with vector forms.
 pub fn vectorizable(k: &Kernel, v: VarId, body: &[Stmt]) -> bool {
     let mut locals = HashSet::new();
-    assigned(body, &mut locals);
+    assigned_vars(body, &mut locals);
     if locals
         .iter()
         .any(|&x| !matches!(k.vars[x], Scalar::F32 | Scalar::I32))

@@ -298,15 +298,12 @@ impl Lowerer<'_> {
             c,
             y: yp,
         } = params;
-        let rows = self.opts.gemm_rows.clamp(1, s.m);
-        let whole = s.m / rows;
-        // Whole tiles, then one tile of the rows left over.
-        let tiles = [(0, whole, rows), (whole * rows, 1, s.m - whole * rows)];
+        let tiles = row_tiles(s.m, self.opts.gemm_rows);
         let i = |v: usize| Expr::i64(v as i64);
         k.body = nest(&mut k, &[at.count], |k, v| {
             let q = v[0];
             let mut body = Vec::new();
-            for &(row0, count, tile_rows) in tiles.iter().filter(|t| t.1 > 0 && t.2 > 0) {
+            for &(row0, count, tile_rows) in &tiles {
                 body.extend(nest(k, &[count], |k, v| {
                     let it = v[0];
                     let row =
@@ -521,16 +518,14 @@ impl Lowerer<'_> {
             c,
             y: yp,
         } = params;
-        let rows = SGEMM_AVX2_MAX_ROWS.min(s.m);
-        let whole = s.m / rows;
-        let tiles = [(0, whole, rows), (whole * rows, 1, s.m - whole * rows)];
+        let tiles = row_tiles(s.m, SGEMM_AVX2_MAX_ROWS);
         let i = |v: usize| Expr::i64(v as i64);
         let width = at.width;
         k.body = nest(&mut k, &[at.count], |k, v| {
             let q = v[0];
             let col = Expr::add(i(at.col0), Expr::mul(Expr::var(q), i(width)));
             let mut body = Vec::new();
-            for &(row0, count, tile_rows) in tiles.iter().filter(|t| t.1 > 0 && t.2 > 0) {
+            for &(row0, count, tile_rows) in &tiles {
                 body.extend(nest(k, &[count], |k, v| {
                     let row = Expr::add(i(row0), Expr::mul(Expr::var(v[0]), i(tile_rows)));
                     let call = |from: Expr, len: usize, accumulate: bool| Stmt::Call {
@@ -607,6 +602,18 @@ impl Lowerer<'_> {
         self.p.steps.push(super::Step { kernel: k, args });
         Ok(())
     }
+}
+
+/// The row tiles of an `m`-row product with tiles of at most `rows` rows, as `(first row,
+/// tile count, rows per tile)`: the whole tiles, then one tile of the rows left over, each
+/// only when it is not empty.
+fn row_tiles(m: usize, rows: usize) -> Vec<(usize, usize, usize)> {
+    let rows = rows.clamp(1, m.max(1));
+    let whole = m / rows;
+    [(0, whole, rows), (whole * rows, 1, m - whole * rows)]
+        .into_iter()
+        .filter(|&(_, count, tile_rows)| count > 0 && tile_rows > 0)
+        .collect()
 }
 
 /// The statements of a reduction over `len` steps in blocks of [`SUM_BLOCK`] (see

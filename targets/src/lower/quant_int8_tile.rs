@@ -75,7 +75,7 @@ impl Lowerer<'_> {
         for span in 0..spans {
             let columns = span * cols..(span + 1) * cols;
             for g in 0..nblk {
-                let words = block.min(kk - g * block) / Q4_ROWS_PER_WORD;
+                let words = tile.block_words_at(g);
                 let record = data.len();
                 for o in g * block / Q4_ROWS_PER_WORD..g * block / Q4_ROWS_PER_WORD + words {
                     for col in columns.clone() {
